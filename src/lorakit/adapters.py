@@ -1,0 +1,391 @@
+"""Adapter files in PEFT's on-disk format, plus lorakit's own metadata beside them.
+
+    adapter_dir/
+      adapter_config.json          PEFT's LoraConfig fields (peft_type, r, lora_alpha, target_modules, ...)
+      adapter_model.safetensors    base_model.model.<module>.lora_A.weight (r, in) / .lora_B.weight (out, r)
+                                   and base_model.model.<module>.<param> for modules trained in full
+      lorakit.json                 base-model fingerprint, lorakit version, creation time, data hash,
+                                   hyperparameters, metrics (a separate file so PEFT's config parser
+                                   never sees keys it does not know)
+      chat_template.jinja          the template used in training, when there was one
+
+PEFT, vLLM and lorakit all read the first two files. Saving is atomic (temp dir + rename).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.atomic import atomic_directory
+from lorakit.config import LoraConfig
+from lorakit.lora import (
+    LoraLinear,
+    adapter_configs,
+    inject_lora,
+    is_conv1d,
+    linear_module_names,
+    lora_layers,
+    merge_lora_weights,
+)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+META_FILE = "lorakit.json"
+TEMPLATE_FILE = "chat_template.jinja"
+PREFIX = "base_model.model."
+VLLM_DEFAULT_MAX_RANK = 16
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be loaded or saved as asked; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Identity of the base model: name, revision, and a hash of its config and weight shapes.
+
+    The hash sees through LoRA wrappers and 4-bit storage (logical (out, in) shapes), so the same base
+    gives the same hash whether it is plain, adapted or quantized."""
+    config = getattr(model, "config", None)
+    config_dict = config.to_dict() if config is not None else {}
+    volatile = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "use_cache",
+                "quantization_config", "_attn_implementation_autoset", "output_hidden_states"}
+    stable = {k: v for k, v in sorted(config_dict.items()) if k not in volatile}
+    digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode())
+    for name, shape in base_weight_shapes(model):
+        digest.update(f"{name}:{tuple(shape)};".encode())
+    return {
+        "name": getattr(config, "_name_or_path", None) or type(model).__name__,
+        "revision": getattr(config, "_commit_hash", None),
+        "hash": digest.hexdigest()[:16],
+    }
+
+
+def base_weight_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    from lorakit.quant.linear import NF4Linear
+
+    shapes = []
+    for name, module in model.named_modules():
+        if ".lora_" in f".{name}" or isinstance(module, LoraLinear):
+            continue
+        clean = name.replace(".base_layer", "")
+        if isinstance(module, NF4Linear):
+            shapes.append((f"{clean}.weight", (module.out_features, module.in_features)))
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            shape = tuple(param.shape)
+            shapes.append((f"{clean}.{pname}", shape[::-1] if is_conv1d(module) and pname == "weight" else shape))
+    return sorted(shapes)
+
+
+# --------------------------------------------------------------------------- save
+
+
+def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's key names."""
+    out = {}
+    for name, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+            out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+    for module_name in getattr(model, "lorakit_modules_to_save", []):
+        for pname, param in model.get_submodule(module_name).named_parameters():
+            out[f"{PREFIX}{module_name}.{pname}"] = param
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def peft_config_dict(model: nn.Module, config: LoraConfig, adapter_name: str, task_type: str | None) -> dict:
+    layers = [(n, layer) for n, layer in lora_layers(model) if adapter_name in layer.lora_A]
+    config_obj = getattr(model, "config", None)
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type or _guess_task_type(model),
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": _portable_targets(model, [n for n, _ in layers]),
+        "bias": config.bias,
+        "use_rslora": config.use_rslora,
+        "use_dora": False,
+        "fan_in_fan_out": any(is_conv1d(layer.base_layer) for _, layer in layers),
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "modules_to_save": list(getattr(model, "lorakit_modules_to_save", [])) or None,
+        "base_model_name_or_path": getattr(config_obj, "_name_or_path", None) or None,
+        "revision": getattr(config_obj, "_commit_hash", None),
+        "inference_mode": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+def _portable_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """Suffixes (q_proj, ...) when they select exactly these layers -- what vLLM expects -- else full names."""
+    suffixes = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    selected = [n for n in linear_module_names(model) if n.rsplit(".", 1)[-1] in suffixes]
+    return suffixes if sorted(selected) == sorted(targets) else sorted(targets)
+
+
+def _guess_task_type(model: nn.Module) -> str:
+    name = type(model).__name__
+    return "SEQ_CLS" if "SequenceClassification" in name else "CAUSAL_LM"
+
+
+def save_lora_adapter(
+    model: nn.Module,
+    out_dir: str | Path,
+    adapter_name: str = "default",
+    task_type: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    chat_template: str | None = None,
+) -> Path:
+    """Write the adapter in PEFT's format (atomically) and return the directory."""
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise AdapterError(f"no adapter named {adapter_name!r} on this model; adapters here: {list(configs)}")
+    tensors = lora_state_dict(model, adapter_name)
+    from lorakit import __version__
+
+    meta = {
+        "lorakit_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "adapter_name": adapter_name,
+        "base_model": base_fingerprint(model),
+        **(metadata or {}),
+    }
+    with atomic_directory(out_dir) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(peft_config_dict(model, configs[adapter_name], adapter_name, task_type), indent=2))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        if chat_template:
+            (tmp / TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
+    return Path(out_dir)
+
+
+# --------------------------------------------------------------------------- load
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    path = Path(adapter_dir) / CONFIG_FILE
+    if not path.is_file():
+        found = sorted(p.name for p in Path(adapter_dir).iterdir()) if Path(adapter_dir).is_dir() else "nothing (no such directory)"
+        raise AdapterError(f"{path} not found; an adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE}; found: {found}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path} is not valid JSON ({e}); the file is corrupt -- re-save the adapter") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; lorakit loads LORA adapters")
+    unsupported = {k: config[k] for k in ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform") if config.get(k)}
+    if unsupported:
+        raise AdapterError(f"{path}: options {unsupported} are not supported by lorakit yet; merge them with PEFT instead")
+    return config
+
+
+def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
+    path = Path(adapter_dir) / META_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    path = adapter_dir / WEIGHTS_FILE
+    if not path.is_file():
+        if (adapter_dir / "adapter_model.bin").is_file():
+            raise AdapterError(
+                f"{adapter_dir} holds only adapter_model.bin (a pickle, which lorakit never loads); convert it "
+                "with PEFT: PeftModel.from_pretrained(...).save_pretrained(dir, safe_serialization=True)"
+            )
+        raise AdapterError(f"{path} not found; re-save the adapter")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(f"{path} is corrupt or truncated ({e}); re-save or re-download the adapter") from None
+
+
+def load_lora_adapter(
+    model: nn.Module, adapter_dir: str | Path, adapter_name: str = "default", check_base: bool = True
+) -> list[str]:
+    """Load a lorakit or PEFT LoRA adapter into `model` as `adapter_name`; returns the adapted modules."""
+    adapter_dir = Path(adapter_dir)
+    peft_config = read_adapter_config(adapter_dir)
+    if check_base:
+        _check_fingerprint(model, adapter_dir)
+    tensors = _read_tensors(adapter_dir)
+    lora, full = _split_keys(tensors, adapter_dir)
+    config = LoraConfig(
+        r=int(peft_config.get("r", 8)),
+        alpha=float(peft_config.get("lora_alpha", 8)),
+        dropout=float(peft_config.get("lora_dropout", 0.0)),
+        target_modules=sorted(lora),
+        use_rslora=bool(peft_config.get("use_rslora", False)),
+        modules_to_save=sorted({k.rsplit(".", 1)[0] for k in full}),
+    )
+    _check_modules(model, lora, full, adapter_dir)
+    targets = inject_lora(model, config, adapter_name)
+    _copy_weights(model, lora, full, adapter_name, adapter_dir)
+    return targets
+
+
+def _split_keys(tensors: dict[str, torch.Tensor], adapter_dir: Path) -> tuple[dict, dict]:
+    """{module: {'A': t, 'B': t}} for LoRA factors, {param path: t} for modules trained in full."""
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    full: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PREFIX)
+        for part in ("A", "B"):
+            suffix = f".lora_{part}.weight"
+            if name.endswith(suffix):
+                lora.setdefault(name.removesuffix(suffix), {})[part] = tensor
+                break
+        else:
+            if "lora_" in name:
+                raise AdapterError(f"{adapter_dir / WEIGHTS_FILE}: key {key} is a LoRA variant lorakit does not load (only linear lora_A/lora_B)")
+            full[name.replace(".modules_to_save.default", "")] = tensor
+    for module, parts in lora.items():
+        if set(parts) != {"A", "B"}:
+            raise AdapterError(f"{adapter_dir / WEIGHTS_FILE}: {module} has lora_{''.join(parts)} but not its pair; the file is incomplete")
+    return lora, full
+
+
+def _check_modules(model: nn.Module, lora: dict, full: dict, adapter_dir: Path) -> None:
+    problems = []
+    linear = set(linear_module_names(model))
+    for module, parts in lora.items():
+        if module not in linear:
+            problems.append(f"{module}: no such linear layer in this model")
+            continue
+        layer = model.get_submodule(module)
+        in_f, out_f = (layer.in_features, layer.out_features) if isinstance(layer, LoraLinear) else _shape(layer)
+        r = parts["A"].shape[0]
+        want_a, want_b = (r, in_f), (out_f, r)
+        if tuple(parts["A"].shape) != want_a or tuple(parts["B"].shape) != want_b:
+            problems.append(
+                f"{module}: expected lora_A {want_a} and lora_B {want_b} for this model, found "
+                f"{tuple(parts['A'].shape)} and {tuple(parts['B'].shape)}"
+            )
+    params = dict(model.named_parameters())
+    for name, tensor in full.items():
+        if name not in params:
+            problems.append(f"{name}: no such parameter in this model")
+        elif params[name].shape != tensor.shape:
+            problems.append(f"{name}: expected shape {tuple(params[name].shape)}, found {tuple(tensor.shape)}")
+    if problems:
+        base = read_metadata(adapter_dir).get("base_model", {}).get("name") or _peft_base(adapter_dir)
+        raise AdapterError(
+            f"adapter {adapter_dir} does not fit this model (likely trained for another base or revision"
+            f"{f': {base}' if base else ''}):\n  - " + "\n  - ".join(problems[:20])
+        )
+
+
+def _shape(layer: nn.Module) -> tuple[int, int]:
+    from lorakit.lora import layer_shape
+
+    return layer_shape(layer)
+
+
+def _peft_base(adapter_dir: Path) -> str | None:
+    try:
+        return json.loads((adapter_dir / CONFIG_FILE).read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _check_fingerprint(model: nn.Module, adapter_dir: Path) -> None:
+    saved = read_metadata(adapter_dir).get("base_model")
+    if not saved or not saved.get("hash"):
+        return  # a PEFT adapter: no fingerprint, shapes are still checked
+    here = base_fingerprint(model)
+    if saved["hash"] != here["hash"]:
+        raise AdapterError(
+            f"adapter {adapter_dir} was trained for base {saved.get('name')!r} (revision {saved.get('revision')}, "
+            f"fingerprint {saved['hash']}), but this model is {here['name']!r} (fingerprint {here['hash']}): "
+            "a different base model or revision. Load the matching base, or pass check_base=False "
+            "(--no-check-base) if you know they are compatible."
+        )
+
+
+def _copy_weights(model: nn.Module, lora: dict, full: dict, adapter_name: str, adapter_dir: Path) -> None:
+    with torch.no_grad():
+        for module, parts in lora.items():
+            layer = model.get_submodule(module)
+            for part, store in (("A", layer.lora_A), ("B", layer.lora_B)):
+                weight = store[adapter_name].weight
+                weight.copy_(parts[part].to(weight.dtype))
+        params = dict(model.named_parameters())
+        for name, tensor in full.items():
+            params[name].copy_(tensor.to(params[name].dtype))
+
+
+# --------------------------------------------------------------------------- merge, list, check
+
+
+def export_merged(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> Path:
+    """Merge the active adapter into the base and save a standard transformers model (safetensors)."""
+    merged = merge_lora_weights(model, remove_wrappers=True)
+    with atomic_directory(out_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def list_adapters(root: str | Path) -> list[dict[str, Any]]:
+    """One summary row per adapter directory under `root` (the root itself included)."""
+    root = Path(root)
+    rows = []
+    for config_path in sorted(root.rglob(CONFIG_FILE)):
+        adapter_dir = config_path.parent
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            rows.append({"path": str(adapter_dir), "error": f"unreadable {CONFIG_FILE}: {e}"})
+            continue
+        meta = read_metadata(adapter_dir)
+        rows.append({
+            "path": str(adapter_dir),
+            "base_model": meta.get("base_model", {}).get("name") or config.get("base_model_name_or_path"),
+            "r": config.get("r"),
+            "alpha": config.get("lora_alpha"),
+            "targets": config.get("target_modules"),
+            "data_hash": meta.get("data_hash"),
+            "created": meta.get("created"),
+            "metrics": meta.get("metrics"),
+        })
+    return rows
+
+
+def check_adapter(adapter_dir: str | Path, target: str = "vllm") -> list[str]:
+    """What a serving engine would reject or warn about; an empty list means it should load."""
+    adapter_dir = Path(adapter_dir)
+    problems = []
+    try:
+        config = read_adapter_config(adapter_dir)
+        tensors = _read_tensors(adapter_dir)
+    except AdapterError as e:
+        return [str(e)]
+    if target == "vllm":
+        r = int(config.get("r", 0))
+        if r > VLLM_DEFAULT_MAX_RANK:
+            problems.append(f"rank {r} is above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_RANK}; start vLLM with --max-lora-rank {r}")
+        if config.get("modules_to_save"):
+            problems.append(f"modules_to_save {config['modules_to_save']} (extra trainable modules) are rejected by vLLM; merge the adapter instead")
+        if config.get("bias", "none") != "none":
+            problems.append(f"bias={config['bias']!r}: vLLM needs --enable-lora-bias")
+        if config.get("fan_in_fan_out"):
+            problems.append("fan_in_fan_out (GPT-2 Conv1D) adapters: check that vLLM supports LoRA for this architecture")
+        extra = sorted({k for k in tensors if "lora_" not in k})
+        if extra:
+            problems.append(f"non-LoRA tensors {extra[:5]} in the weights file are not loaded by vLLM")
+    return problems

@@ -1,0 +1,243 @@
+"""`lorakit` command line: thin subcommands, each one call into one module.
+
+User errors (bad config, bad data, an adapter that does not fit) are printed as their message and
+exit with status 2 -- no traceback from deep inside torch. Anything else is a bug and keeps its trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from lorakit.adapters import AdapterError
+    from lorakit.config import ConfigError
+    from lorakit.models import ModelLoadError
+    from lorakit.train import TrainingError
+
+    errors: list[type[BaseException]] = [AdapterError, ConfigError, ModelLoadError, TrainingError]
+    try:
+        from lorakit.data import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lorakit.train import format_summary, train_lora
+
+    result = train_lora(args.config, args.set, resume=args.resume, progress=not args.quiet)
+    print(format_summary(result))
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from lorakit.quickstart import run_quickstart
+
+    return run_quickstart(Path(args.output_dir), steps=args.steps, progress=not args.quiet)
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from lorakit.config import load_run_config
+    from lorakit.data import inspect_data
+    from lorakit.models import load_tokenizer
+
+    config = load_run_config(args.config, args.set)
+    if config.data.train is None:
+        from lorakit.demo import write_demo_data
+
+        paths = write_demo_data(Path(config.output_dir) / "data")
+        config.data.train, config.data.eval = str(paths["train"]), config.data.eval or str(paths["eval"])
+    tokenizer = load_tokenizer(config.base_model, config.revision)
+    print(inspect_data(config.data, tokenizer, n=args.n, as_json=args.json))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lorakit.config import load_run_config
+    from lorakit.evaluate import evaluate_run
+
+    config = load_run_config(args.config, args.set)
+    adapter = Path(args.adapter) if args.adapter else Path(config.output_dir) / "adapter"
+    report = evaluate_run(config, adapter, Path(args.out or Path(config.output_dir) / "eval"))
+    print(json.dumps(report.json, indent=2) if args.json else report.markdown)
+    failures = report.failures(args.fail_below or [])
+    for failure in failures:
+        print(f"FAIL: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def cmd_adapters_list(args: argparse.Namespace) -> int:
+    from lorakit.adapters import list_adapters
+
+    rows = list_adapters(args.dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no adapters (adapter_config.json) under {args.dir}")
+        return 0
+    for row in rows:
+        if "error" in row:
+            print(f"{row['path']}: {row['error']}")
+            continue
+        targets = row["targets"] if isinstance(row["targets"], str) else ",".join(row["targets"] or [])
+        print(f"{row['path']}\n  base={row['base_model']} r={row['r']} alpha={row['alpha']} targets={targets}\n"
+              f"  data_hash={row['data_hash']} created={row['created']} metrics={row['metrics']}")
+    return 0
+
+
+def cmd_adapters_check(args: argparse.Namespace) -> int:
+    from lorakit.adapters import check_adapter
+
+    problems = check_adapter(args.dir, args.target)
+    for problem in problems:
+        print(f"- {problem}")
+    if not problems:
+        print(f"{args.dir}: no problems found for {args.target}")
+    return 1 if problems else 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from lorakit.adapters import export_merged, load_lora_adapter
+    from lorakit.models import load_model, load_tokenizer
+
+    meta_task = json.loads((Path(args.adapter) / "adapter_config.json").read_text()).get("task_type", "CAUSAL_LM")
+    task = "seq_cls" if meta_task == "SEQ_CLS" else "causal_lm"
+    model = load_model(args.base, task, torch.float32)
+    load_lora_adapter(model, args.adapter)
+    out = export_merged(model, args.out, load_tokenizer(args.base))
+    print(f"merged model written to {out} (standard transformers format, safetensors)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lorakit.generate import GenerationConfig, generate, render_chat_prompt
+    from lorakit.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(args.base)
+    model = load_model(args.base)
+    template = None
+    if args.adapter:
+        from lorakit.adapters import TEMPLATE_FILE, load_lora_adapter
+
+        load_lora_adapter(model, args.adapter)
+        path = Path(args.adapter) / TEMPLATE_FILE
+        template = path.read_text(encoding="utf-8") if path.is_file() else None
+    prompt = args.prompt
+    if not args.raw and (template or tokenizer.chat_template):
+        prompt = render_chat_prompt(tokenizer, [{"role": "user", "content": args.prompt}], template)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    print(generate(model, tokenizer, [prompt], config)[0])
+    return 0
+
+
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    from lorakit.config import RunConfig, field_help
+
+    for key, default, text in field_help(RunConfig):
+        print(f"{key:34s} {default!r:>14}  {text}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA and QLoRA fine-tuning: advise, train, evaluate, serve.")
+    from lorakit import __version__
+
+    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("quickstart", help="offline demo: QLoRA on a built-in tiny Llama and synthetic task, eval, merge")
+    p.add_argument("--output-dir", default="runs/quickstart", help="run directory (default: runs/quickstart)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("train", help="fine-tune from a YAML run config")
+    p.add_argument("config", nargs="?", help="YAML run config (omit for all defaults: the demo)")
+    _add_set(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="look at the data as the model will see it").add_subparsers(dest="data_cmd", required=True)
+    p = data.add_parser("inspect", help="print the first N examples with supervised tokens marked, plus statistics")
+    p.add_argument("config", nargs="?", help="YAML run config")
+    p.add_argument("-n", type=int, default=5, help="examples to show (default 5)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_set(p)
+    p.set_defaults(func=cmd_data_inspect)
+
+    p = sub.add_parser("eval", help="base versus tuned: loss, task metrics, forgetting canary")
+    p.add_argument("config", nargs="?", help="YAML run config")
+    p.add_argument("--adapter", help="adapter directory (default: <output_dir>/adapter)")
+    p.add_argument("--out", help="report directory (default: <output_dir>/eval)")
+    p.add_argument("--json", action="store_true", help="print eval.json instead of the table")
+    p.add_argument("--fail-below", action="append", metavar="METRIC=VALUE", help="exit 1 when tuned METRIC < VALUE")
+    _add_set(p)
+    p.set_defaults(func=cmd_eval)
+
+    adapters = sub.add_parser("adapters", help="list and check adapter directories").add_subparsers(dest="adapters_cmd", required=True)
+    p = adapters.add_parser("list", help="adapters under DIR: base, rank, targets, data hash, created, metrics")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_adapters_list)
+    p = adapters.add_parser("check", help="what a serving engine would reject")
+    p.add_argument("dir")
+    p.add_argument("--for", dest="target", default="vllm", choices=["vllm"], help="serving engine (default vllm)")
+    p.set_defaults(func=cmd_adapters_check)
+
+    p = sub.add_parser("merge", help="fold an adapter into its base and save a standard transformers model")
+    p.add_argument("--base", required=True, help="hub id or directory of the base model ('demo' for the built-in one)")
+    p.add_argument("--adapter", required=True, help="adapter directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("generate", help="one answer from the command line")
+    p.add_argument("--base", required=True, help="hub id or directory of the base model ('demo' for the built-in one)")
+    p.add_argument("--adapter", help="adapter directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("config", help="every YAML key with its default and meaning")
+    p.set_defaults(func=cmd_config_keys)
+    return parser
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,393 @@
+"""Every lorakit setting as a typed dataclass, with YAML load/dump and whole-config validation.
+
+Why dataclasses with a `help` per field: the same text documents the YAML keys (`lorakit config
+--help-keys`), and validation can name the exact key that is wrong. Validation collects *every*
+problem before anything heavy (weights, data) is loaded, so a user fixes a config in one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+TARGET_PRESETS: dict[str, tuple[str, ...] | None] = {
+    "minimal": ("q_proj", "v_proj"),
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "all-linear": None,  # every linear layer except the output head(s)
+}
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message lists every problem found."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s){where}:\n{lines}")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` as a float (plain YAML 1.1 reads it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)$|^[-+]?(?:\d+\.\d*|\.\d+)$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapter settings: y = base(x) + scaling · dropout(x) Aᵀ Bᵀ."""
+
+    r: int = _help("Rank of the update (A: r×in, B: out×r).", default=16)
+    alpha: float = _help("Scale numerator: scaling = alpha/r (or alpha/sqrt(r) with use_rslora).", default=32.0)
+    dropout: float = _help("Dropout on the LoRA input path only, in [0, 1).", default=0.05)
+    target_modules: str | list[str] = _help(
+        "Which linear layers get adapters: a preset (minimal | attention | all-linear), a list of "
+        "module-name suffixes, or a regex matched against the full module name.",
+        default="all-linear",
+    )
+    use_rslora: bool = _help("Rank-stabilized scaling alpha/sqrt(r) instead of alpha/r.", default=False)
+    init: Literal["kaiming", "gaussian"] = _help(
+        "Initialization of A (B always starts at zero, so training starts from the base model).",
+        default="kaiming",
+    )
+    bias: Literal["none"] = _help("Bias training; only 'none' (base biases stay frozen).", default="none")
+    modules_to_save: list[str] = _help(
+        "Modules trained in full and saved with the adapter (e.g. a classifier head: ['score']).",
+        default_factory=list,
+    )
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def problems(self, prefix: str = "lora") -> list[str]:
+        out = []
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            out.append(f"{prefix}.r must be an integer >= 1, got {self.r!r}")
+        if not _is_number(self.alpha) or self.alpha <= 0:
+            out.append(f"{prefix}.alpha must be a number > 0, got {self.alpha!r} (a common choice is 2*r)")
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+            out.append(f"{prefix}.dropout must be in [0, 1), got {self.dropout!r}")
+        out += _target_problems(self.target_modules, f"{prefix}.target_modules")
+        out += _choice_problems(self, prefix, ("init", "bias"))
+        if not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) for m in self.modules_to_save):
+            out.append(f"{prefix}.modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        return out
+
+
+@dataclass
+class QuantConfig:
+    """4-bit NormalFloat storage of frozen base weights (QLoRA)."""
+
+    type: Literal["nf4"] = _help("Quantization type; NF4 is the QLoRA data type.", default="nf4")
+    blocksize: int = _help("Weights per absmax scale (64 in QLoRA and bitsandbytes).", default=64)
+    double_quant: bool = _help(
+        "Quantize the absmax scales to 8 bits in blocks of 256 (saves ~0.37 bit/param).", default=True
+    )
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
+        "dtype the weight is dequantized to for the matmul; auto = bf16 on CUDA, fp32 on CPU.",
+        default="auto",
+    )
+    skip_modules: list[str] = _help(
+        "Linear layers kept in full precision (suffixes): output and classifier heads by default.",
+        default_factory=lambda: ["lm_head", "score", "classifier"],
+    )
+
+    def problems(self, prefix: str = "quant") -> list[str]:
+        out = _choice_problems(self, prefix, ("type", "compute_dtype"))
+        if not isinstance(self.blocksize, int) or self.blocksize < 2 or self.blocksize % 2:
+            out.append(f"{prefix}.blocksize must be an even integer >= 2, got {self.blocksize!r} (64 is standard)")
+        if not isinstance(self.skip_modules, list):
+            out.append(f"{prefix}.skip_modules must be a list of module-name suffixes, got {self.skip_modules!r}")
+        return out
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _target_problems(targets: Any, key: str) -> list[str]:
+    if isinstance(targets, str):
+        if targets in TARGET_PRESETS:
+            return []
+        try:
+            re.compile(targets)
+        except re.error as e:
+            return [f"{key} {targets!r} is neither a preset ({', '.join(TARGET_PRESETS)}) nor a valid regex: {e}"]
+        return []
+    if isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) and t for t in targets):
+        return []
+    return [
+        f"{key} must be a preset ({', '.join(TARGET_PRESETS)}), a non-empty list of module-name "
+        f"suffixes, or a regex; got {targets!r}"
+    ]
+
+
+def _choice_problems(obj: Any, prefix: str, names: tuple[str, ...]) -> list[str]:
+    """Check Literal-typed fields against their allowed values."""
+    hints = get_type_hints(type(obj))
+    out = []
+    for name in names:
+        allowed = get_args(hints[name])
+        value = getattr(obj, name)
+        if get_origin(hints[name]) is Literal and value not in allowed:
+            out.append(f"{prefix}.{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+    return out
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from a dict, recording unknown keys (with a close match) as problems."""
+    data = dict(data or {})
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), list(names), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            problems.append(f"unknown key {prefix}{key}{hint}")
+            continue
+        sub = _nested_dataclass(cls, key)
+        if sub is not None and (isinstance(value, dict) or value is None):
+            value = from_dict(sub, value, f"{prefix}{key}.", problems)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _nested_dataclass(cls: type, name: str) -> type | None:
+    hint = get_type_hints(cls)[name]
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def field_help(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every field, recursing into nested sections."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        sub = _nested_dataclass(cls, f.name)
+        if sub is not None:
+            rows += field_help(sub, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((f"{prefix}{f.name}", default, f.metadata.get("help", "")))
+    return rows
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (['train', 'lr'], 1e-4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError([f"override {text!r} must look like key.sub=value (e.g. train.lr=1e-4)"])
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {path} does not exist (pass the path to a YAML run config)"])
+    try:
+        data = yaml_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: not valid YAML ({getattr(e, 'problem', e)})"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of keys, got {type(data).__name__}"])
+    return data
+
+
+def dump_yaml(obj: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False), encoding="utf-8")
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they become token ids."""
+
+    train: str | None = _help(
+        "Training data: a .jsonl/.json/.csv/.parquet file, a directory of them, or a datasets hub id. "
+        "null = the built-in synthetic demo task.",
+        default=None,
+    )
+    eval: str | None = _help("Separate eval data (same forms as train); null = split eval_fraction off train.", default=None)
+    eval_fraction: float = _help("Share of train held out for eval by a stable hash split, in [0, 0.5].", default=0.05)
+    format: Literal["auto", "alpaca", "chat", "completion", "text"] = _help(
+        "Row format: alpaca (instruction/input/output), chat (messages), completion (prompt/completion), "
+        "text (raw text); auto detects it from the fields.",
+        default="auto",
+    )
+    chat_template: str | None = _help(
+        "Named built-in template (chatml, llama-3, mistral, alpaca); null = the tokenizer's own.", default=None
+    )
+    train_on: Literal["assistant", "all"] = _help(
+        "Which tokens carry loss: the assistant turns (with their end token) or everything.", default="assistant"
+    )
+    max_seq_len: int = _help("Tokens per example (or per packed row); longer examples are truncated.", default=1024)
+    truncation: Literal["truncate", "drop"] = _help("What to do with examples over max_seq_len.", default="truncate")
+    packing: bool = _help(
+        "Pack several examples per row; attention never crosses examples and positions restart.", default=True
+    )
+    dedup: bool = _help("Remove exact and near-duplicate examples before splitting.", default=True)
+    seed: int = _help("Seed of the hash split (an example keeps its side when rows are appended).", default=0)
+
+    def problems(self, prefix: str = "data") -> list[str]:
+        out = _choice_problems(self, prefix, ("format", "train_on", "truncation"))
+        if not _is_number(self.eval_fraction) or not 0 <= self.eval_fraction <= 0.5:
+            out.append(f"{prefix}.eval_fraction must be in [0, 0.5], got {self.eval_fraction!r}")
+        if not isinstance(self.max_seq_len, int) or self.max_seq_len < 8:
+            out.append(f"{prefix}.max_seq_len must be an integer >= 8, got {self.max_seq_len!r}")
+        for key in ("train", "eval"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                out.append(f"{prefix}.{key} must be a path or hub id, got {value!r}")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    """The optimization loop."""
+
+    epochs: float = _help("Passes over the training data (ignored when max_steps is set).", default=3)
+    max_steps: int | None = _help("Optimizer steps to run; overrides epochs.", default=None)
+    micro_batch_size: int = _help("Rows per forward/backward.", default=4)
+    grad_accum: int = _help("Micro-batches per optimizer step (loss weighted by supervised tokens).", default=4)
+    lr: float = _help("Peak learning rate (LoRA 5e-5–2e-4, QLoRA 1e-4–3e-4, full 1e-5–5e-5).", default=2e-4)
+    lora_plus_ratio: float | None = _help("LoRA+: learning rate of B = lr × this ratio (e.g. 16); null = off.", default=None)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = _help(
+        "AdamW (torch); the 8-bit variants need CUDA and bitsandbytes.", default="adamw"
+    )
+    scheduler: Literal["cosine", "linear", "constant"] = _help("Learning-rate decay after warmup.", default="cosine")
+    warmup_ratio: float = _help("Warmup as a share of total steps (used when warmup_steps is null).", default=0.03)
+    warmup_steps: int | None = _help("Warmup in steps; overrides warmup_ratio.", default=None)
+    max_grad_norm: float | None = _help("Clip the global gradient norm to this; null = no clipping.", default=1.0)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", default=True)
+    log_every: int = _help("Optimizer steps between metrics lines.", default=10)
+    eval_every: int | None = _help("Optimizer steps between evals (also at each epoch end); null = epoch ends only.", default=100)
+    save_every: int | None = _help("Optimizer steps between checkpoints; null = only at the end.", default=100)
+    keep_checkpoints: int = _help("Checkpoints kept (oldest deleted first).", default=3)
+    early_stopping_patience: int | None = _help(
+        "Stop after this many evals without improvement and restore the best adapter; null = off.", default=None
+    )
+    seed: int = _help("Seed for initialization, dropout and data order.", default=42)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
+        "Compute dtype; auto = bf16 on CUDA, fp32 on CPU (bf16 matmul is ~100x slower on most CPUs).", default="auto"
+    )
+    device: str = _help("auto | cpu | cuda | cuda:N | mps.", default="auto")
+
+    def problems(self, prefix: str = "train") -> list[str]:
+        out = _choice_problems(self, prefix, ("optimizer", "scheduler", "dtype"))
+        positive_ints = ("micro_batch_size", "grad_accum", "log_every", "keep_checkpoints")
+        for key in positive_ints:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                out.append(f"{prefix}.{key} must be an integer >= 1, got {value!r}")
+        for key in ("max_steps", "eval_every", "save_every", "warmup_steps", "early_stopping_patience"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "warmup_steps" else 1)):
+                out.append(f"{prefix}.{key} must be a positive integer or null, got {value!r}")
+        if not _is_number(self.lr) or self.lr <= 0:
+            out.append(f"{prefix}.lr must be a number > 0, got {self.lr!r}")
+        if not _is_number(self.epochs) or self.epochs <= 0:
+            out.append(f"{prefix}.epochs must be > 0, got {self.epochs!r}")
+        if not _is_number(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
+            out.append(f"{prefix}.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.max_grad_norm is not None and (not _is_number(self.max_grad_norm) or self.max_grad_norm <= 0):
+            out.append(f"{prefix}.max_grad_norm must be > 0 or null, got {self.max_grad_norm!r}")
+        if self.lora_plus_ratio is not None and (not _is_number(self.lora_plus_ratio) or self.lora_plus_ratio <= 0):
+            out.append(f"{prefix}.lora_plus_ratio must be > 0 or null, got {self.lora_plus_ratio!r}")
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+            out.append(f"{prefix}.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
+            out.append(f"{prefix}.device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
+        return out
+
+
+@dataclass
+class RunConfig:
+    """One fine-tuning run: what to tune, how, on what data, and where the results go."""
+
+    base_model: str = _help(
+        "Hub id or local directory of a transformers model; 'demo' = the built-in tiny Llama.", default="demo"
+    )
+    revision: str | None = _help("Hub revision (branch, tag or commit) of base_model.", default=None)
+    task: Literal["causal_lm", "seq_cls"] = _help("causal_lm (generation) or seq_cls (classification head).", default="causal_lm")
+    num_labels: int | None = _help("Classes for seq_cls (read from the data when null).", default=None)
+    method: Literal["lora", "qlora", "full"] = _help("lora, qlora (4-bit NF4 base + LoRA) or full fine-tuning.", default="lora")
+    lora: LoraConfig = _help("LoRA settings (ignored for method: full).", default_factory=LoraConfig)
+    quant: QuantConfig = _help("Quantization settings (used for method: qlora).", default_factory=QuantConfig)
+    data: DataConfig = _help("Data settings.", default_factory=DataConfig)
+    train: TrainConfig = _help("Training-loop settings.", default_factory=TrainConfig)
+    output_dir: str = _help("Run directory: adapter/, checkpoints/, metrics.jsonl, loss.png, summary.json.", default="runs/run")
+
+    def problems(self) -> list[str]:
+        out = _choice_problems(self, "", ("task", "method"))
+        out = [p.lstrip(".") for p in out]
+        if not isinstance(self.base_model, str) or not self.base_model:
+            out.append(f"base_model must be a hub id or a local directory, got {self.base_model!r}")
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            out.append(f"output_dir must be a directory path, got {self.output_dir!r}")
+        out += self.lora.problems() + self.quant.problems() + self.data.problems() + self.train.problems()
+        return out
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (or start from defaults), apply `key.sub=value` overrides, validate everything."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    problems: list[str] = []
+    config = from_dict(RunConfig, data, "", problems)
+    type_problems = _type_problems(config)
+    problems += type_problems or config.problems()
+    if problems:
+        raise ConfigError(problems, source=str(path) if path else None)
+    return config
+
+
+def _type_problems(config: RunConfig) -> list[str]:
+    """Sections given as scalars (e.g. `lora: 16`) are caught here, before field checks."""
+    out = []
+    for f in dataclasses.fields(config):
+        sub = _nested_dataclass(RunConfig, f.name)
+        if sub is not None and not isinstance(getattr(config, f.name), sub):
+            out.append(f"{f.name} must be a mapping of {sub.__name__} keys, got {getattr(config, f.name)!r}")
+    return out

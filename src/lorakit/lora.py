@@ -1,0 +1,401 @@
+"""LoRA: a low-rank update beside any frozen linear layer.
+
+    y = base(x) + s · dropout(x) Aᵀ Bᵀ          A: (r, in)  B: (out, r)  s = alpha/r  (alpha/√r with rsLoRA)
+
+B starts at zero, so an adapted model starts exactly at the base model. The wrapper holds the base
+layer (nn.Linear, GPT-2's Conv1D, or lorakit's NF4Linear) as `base_layer` and the factors in
+`lora_A[name]` / `lora_B[name]` ModuleDicts, the same module paths PEFT uses, so our state-dict keys
+map one-to-one onto PEFT's adapter files (`...q_proj.lora_A.weight`).
+
+Several named adapters can live on one model: `set_adapter` picks the active one, `adapters_disabled`
+gives the base output, and `adapter_rows` lets each row of a batch use its own adapter (or none) in one
+forward -- the server batches requests for different adapters this way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.config import TARGET_PRESETS, LoraConfig
+
+log = logging.getLogger(__name__)
+
+OUTPUT_HEADS = ("lm_head", "score", "classifier")
+
+# Presets name the attention projections; architectures spell them differently, so each preset tries
+# these spellings in order and uses the first one whose every entry exists in the model.
+PRESET_SPELLINGS: dict[str, list[tuple[str, ...]]] = {
+    "minimal": [("q_proj", "v_proj"), ("qkv_proj",), ("c_attn",), ("query", "value"), ("query_key_value",)],
+    "attention": [
+        ("q_proj", "k_proj", "v_proj", "o_proj"),
+        ("qkv_proj", "o_proj"),
+        ("c_attn", "attn.c_proj"),
+        ("query", "key", "value", "attention.output.dense"),
+        ("query_key_value", "attention.dense"),
+    ],
+}
+assert set(PRESET_SPELLINGS) | {"all-linear"} == set(TARGET_PRESETS)
+
+
+def linear_types() -> tuple[type, ...]:
+    """Layer types LoRA can wrap; imported lazily so lorakit.lora has no hard dep on quant."""
+    from transformers.pytorch_utils import Conv1D
+
+    from lorakit.quant.linear import NF4Linear
+
+    return (nn.Linear, Conv1D, NF4Linear)
+
+
+def layer_shape(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a wrappable layer; Conv1D stores its weight as (in, out)."""
+    if isinstance(layer, nn.Linear) or hasattr(layer, "in_features"):
+        return layer.in_features, layer.out_features
+    return layer.weight.shape[0], layer.weight.shape[1]
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(layer, Conv1D)
+
+
+class LoraLinear(nn.Module):
+    """A frozen base layer plus named low-rank adapters; see the module docstring for the maths."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = layer_shape(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.row_adapters: Sequence[str | None] | None = None
+
+    def add_adapter(self, name: str, config: LoraConfig) -> None:
+        device = next(iter([*self.base_layer.parameters(), *self.base_layer.buffers()])).device
+        self.lora_A[name] = nn.Linear(self.in_features, config.r, bias=False, device=device)
+        self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False, device=device)
+        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scaling[name] = config.scaling
+        if config.init == "gaussian":
+            nn.init.normal_(self.lora_A[name].weight, std=1 / config.r)
+        else:  # PEFT's default: kaiming-uniform A, as nn.Linear initializes its own weight
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+        self.active_adapters = [name]
+
+    def delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """s · dropout(x) Aᵀ Bᵀ, computed in the adapter's dtype. x: (..., in) -> (..., out)."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        h = self.lora_dropout[name](x.to(A.dtype))
+        return F.linear(F.linear(h, A), B) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.disabled:
+            if self.merged_adapters:
+                raise RuntimeError("adapters are merged into the base weights; unmerge before disabling them")
+            return y
+        if self.row_adapters is not None:
+            return self._forward_rows(x, y)
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                y = y + self.delta(x, name).to(y.dtype)
+        return y
+
+    def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Row i of the batch gets adapter row_adapters[i] (None = base only). x: (B, ..., in)."""
+        names = self.row_adapters
+        if len(names) != x.shape[0]:
+            raise ValueError(f"adapter_rows has {len(names)} names for a batch of {x.shape[0]} rows")
+        for name in dict.fromkeys(n for n in names if n is not None):
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            y = y.index_add(0, rows, self.delta(x.index_select(0, rows), name).to(y.dtype))
+        return y
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s · B A as a (out, in) float32 matrix (Conv1D callers transpose it)."""
+        A, B = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+        return (B @ A) * self.scaling[name]
+
+    def extra_repr(self) -> str:
+        ranks = {n: self.lora_A[n].out_features for n in self.lora_A}
+        return f"in={self.in_features}, out={self.out_features}, adapters(rank)={ranks}, active={self.active_adapters}"
+
+
+# --------------------------------------------------------------------------- target discovery
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            yield name, module
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Full names of every layer LoRA could wrap (the base layers of existing wrappers included)."""
+    types = linear_types()
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            names.append(name)
+        elif isinstance(module, types) and not name.endswith("base_layer") and ".lora_" not in name:
+            names.append(name)
+    return names
+
+
+def _suffix_match(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _is_head(name: str, model: nn.Module) -> bool:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    module = model.get_submodule(name)
+    inner = module.base_layer if isinstance(module, LoraLinear) else module
+    return (out is not None and inner is out) or any(_suffix_match(name, h) for h in OUTPUT_HEADS)
+
+
+def _suffix_hint(names: list[str]) -> str:
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    return ", ".join(suffixes) if suffixes else "(none: the model has no nn.Linear/Conv1D layers)"
+
+
+def find_target_modules(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
+    """Resolve a preset, a list of suffixes or a regex into full module names (heads excluded
+    unless named explicitly in a list). Raises ValueError naming what matched nothing."""
+    names = linear_module_names(model)
+    if targets == "all-linear":
+        found = [n for n in names if not _is_head(n, model)]
+    elif isinstance(targets, str) and targets in PRESET_SPELLINGS:
+        found = _resolve_preset(targets, names)
+    elif isinstance(targets, str):
+        found = [n for n in names if re.fullmatch(targets, n)]
+    else:
+        missing = [t for t in targets if not any(_suffix_match(n, t) for n in names)]
+        if missing and len(missing) < len(targets):
+            raise ValueError(
+                f"lora.target_modules entries {missing} matched no layer (the others did); "
+                f"linear layers here end with: {_suffix_hint(names)}"
+            )
+        found = [n for n in names if any(_suffix_match(n, t) for t in targets)]
+    if not found:
+        raise ValueError(
+            f"lora.target_modules {targets!r} matched no module; linear layers here end with: "
+            f"{_suffix_hint(names)}. Use one of those, a preset ({', '.join(TARGET_PRESETS)}), or a regex."
+        )
+    return found
+
+
+def _resolve_preset(preset: str, names: list[str]) -> list[str]:
+    for spelling in PRESET_SPELLINGS[preset]:
+        if all(any(_suffix_match(n, s) for n in names) for s in spelling):
+            return [n for n in names if any(_suffix_match(n, s) for s in spelling)]
+    return []
+
+
+# --------------------------------------------------------------------------- injection
+
+
+def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> list[str]:
+    """Wrap the target layers of `model` in place, freeze everything but the adapters (and
+    `config.modules_to_save`), and return the adapted module names."""
+    problems = config.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    if adapter_name in adapter_configs(model):
+        raise ValueError(f"adapter {adapter_name!r} already exists; adapters here: {list(adapter_configs(model))}")
+    targets = find_target_modules(model, config.target_modules)
+    save_names = _find_modules_to_save(model, config.modules_to_save)
+    for name in targets:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoraLinear):
+            module = LoraLinear(module)
+            _replace_module(model, name, module)
+        module.add_adapter(adapter_name, config)
+    model.lorakit_adapters = {**adapter_configs(model), adapter_name: config}
+    freeze_base(model, save_names)
+    set_adapter(model, adapter_name)
+    return targets
+
+
+def _find_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
+    found = []
+    module_names = [n for n, _ in model.named_modules()]
+    for wanted in names:
+        hits = [n for n in module_names if _suffix_match(n, wanted)]
+        if not hits:
+            heads = [n for n in module_names if n.rsplit(".", 1)[-1] in OUTPUT_HEADS]
+            raise ValueError(f"lora.modules_to_save entry {wanted!r} matched no module; heads here: {heads}")
+        found += hits
+    return found
+
+
+def freeze_base(model: nn.Module, trainable_modules: Sequence[str] = ()) -> None:
+    """requires_grad only on LoRA factors and on modules trained in full (e.g. a classifier head)."""
+    for name, param in model.named_parameters():
+        param.requires_grad = ".lora_A." in name or ".lora_B." in name
+    for name in trainable_modules:
+        for param in model.get_submodule(name).parameters():
+            param.requires_grad = True
+    model.lorakit_modules_to_save = list(trainable_modules)
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    return dict(getattr(model, "lorakit_adapters", {}))
+
+
+# --------------------------------------------------------------------------- several adapters
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make `name` the adapter every wrapped layer applies."""
+    if name not in adapter_configs(model):
+        raise ValueError(f"no adapter named {name!r}; adapters here: {list(adapter_configs(model))}")
+    for _, layer in lora_layers(model):
+        layer.active_adapters = [name] if name in layer.lora_A else []
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside this block the model computes the base output (adapters skipped, not removed)."""
+    layers = [layer for _, layer in lora_layers(model)]
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, previous, strict=True):
+            layer.disabled = was
+
+
+@contextlib.contextmanager
+def adapter_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
+    """Row i of every batch inside this block uses adapter names[i] (None = base model)."""
+    unknown = sorted({n for n in names if n is not None} - set(adapter_configs(model)))
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; adapters here: {list(adapter_configs(model))}")
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        layer.row_adapters = [n if n in layer.lora_A else None for n in names]
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.row_adapters = None
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    configs = adapter_configs(model)
+    if name not in configs:
+        raise ValueError(f"no adapter named {name!r}; adapters here: {list(configs)}")
+    for _, layer in lora_layers(model):
+        for store in (layer.lora_A, layer.lora_B, layer.lora_dropout):
+            store.pop(name, None)
+        layer.scaling.pop(name, None)
+        layer.active_adapters = [n for n in layer.active_adapters if n != name]
+    del configs[name]
+    model.lorakit_adapters = configs
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; a 4-bit layer counts its logical in×out weights."""
+    from lorakit.quant.linear import NF4Linear
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
+    return trainable, total
+
+
+def parameter_report(model: nn.Module) -> str:
+    """PEFT's one-line report: `trainable params: … || all params: … || trainable%: …`."""
+    trainable, total = count_parameters(model)
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}"
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def merge_lora_weights(model: nn.Module, remove_wrappers: bool = True) -> nn.Module:
+    """Fold each layer's active adapter into its base weight: W' = W + s·BA.
+
+    With `remove_wrappers` the LoRA wrappers are replaced by plain layers (a standard model that
+    saves with `save_pretrained`). A 4-bit base is merged into its *dequantized* weight, giving a
+    full-precision nn.Linear -- it is never silently re-quantized, which would lose the update.
+    Without `remove_wrappers` the wrappers stay so that `unmerge_lora_weights` can undo the merge.
+    """
+    from lorakit.quant.linear import NF4Linear
+
+    quantized = 0
+    for name, layer in list(lora_layers(model)):
+        if isinstance(layer.base_layer, NF4Linear):
+            if not remove_wrappers:
+                raise ValueError(f"{name}: a 4-bit base can only be merged with remove_wrappers=True")
+            _replace_module(model, name, _merged_dequantized(layer))
+            quantized += 1
+            continue
+        for adapter in layer.active_adapters:
+            if adapter not in layer.merged_adapters:
+                _add_to_base(layer, layer.delta_weight(adapter))
+                layer.merged_adapters.append(adapter)
+        if remove_wrappers:
+            _replace_module(model, name, layer.base_layer)
+    if quantized:
+        log.warning("merged %d 4-bit layers into dequantized full-precision weights (not re-quantized)", quantized)
+    if remove_wrappers:
+        model.lorakit_adapters = {}
+        for param in model.parameters():
+            param.requires_grad = False
+    return model
+
+
+def unmerge_lora_weights(model: nn.Module) -> nn.Module:
+    """Subtract merged adapters again (full-precision bases merged with remove_wrappers=False)."""
+    for _, layer in lora_layers(model):
+        for adapter in reversed(layer.merged_adapters):
+            _add_to_base(layer, -layer.delta_weight(adapter))
+        layer.merged_adapters = []
+    return model
+
+
+def _add_to_base(layer: LoraLinear, delta: torch.Tensor) -> None:
+    weight = layer.base_layer.weight
+    delta = delta.T if is_conv1d(layer.base_layer) else delta  # Conv1D weight is (in, out)
+    with torch.no_grad():
+        weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+
+
+def _merged_dequantized(layer: LoraLinear) -> nn.Linear:
+    base = layer.base_layer
+    weight = base.dequantize(torch.float32)  # (out, in)
+    for adapter in layer.active_adapters:
+        weight = weight + layer.delta_weight(adapter).to(weight.device)
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if base.bias is not None:
+            linear.bias.copy_(base.bias.float())
+    linear.requires_grad_(False)
+    return linear
