@@ -214,3 +214,38 @@ def test_gradients_reach_only_adapters():
     model(input_ids=ids, labels=ids).loss.backward()
     for name, param in model.named_parameters():
         assert (param.grad is not None) == param.requires_grad, name
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_qlora_merge_into_dequantized_base_equals_unmerged(kind, caplog):
+    from lorakit import NF4Linear, QuantConfig, quantize_model
+
+    model = build_tiny(kind)
+    quantize_model(model, QuantConfig(), compute_dtype=torch.float32, progress=False)
+    inject_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
+    assert any(isinstance(m.base_layer, NF4Linear) for m in model.modules() if isinstance(m, LoraLinear))
+    randomize_lora(model)
+    ids = batch()
+    unmerged = logits(model, ids)
+    with pytest.raises(ValueError, match="4-bit base can only be merged with remove_wrappers=True"):
+        merge_lora_weights(model, remove_wrappers=False)
+    with caplog.at_level("WARNING"):
+        merge_lora_weights(model)
+    assert "dequantized full-precision weights (not re-quantized)" in caplog.text
+    assert not any(isinstance(m, (NF4Linear, LoraLinear)) for m in model.modules())
+    torch.testing.assert_close(logits(model, ids), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_gradients_flow_through_4bit_base_with_checkpointing():
+    from lorakit import QuantConfig, quantize_model
+
+    model = build_tiny("llama")
+    quantize_model(model, QuantConfig(), compute_dtype=torch.float32, progress=False)
+    inject_lora(model, LoraConfig(r=4, dropout=0.0))
+    randomize_lora(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())

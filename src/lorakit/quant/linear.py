@@ -1,0 +1,173 @@
+"""NF4Linear: a frozen 4-bit weight, dequantized on the fly for every matmul.
+
+    y     = x Ŵᵀ + b        Ŵ = dequantize_nf4(state) in the compute dtype, (out, in)
+    ∂L/∂x = ∂L/∂y · Ŵ       Ŵ dequantized *again* in backward
+    ∂L/∂b = Σ ∂L/∂y          only if someone unfroze the bias; there is never a ∂L/∂W
+
+The weight is frozen (QLoRA trains adapters beside it), so backward needs Ŵ and nothing else: the
+autograd Function saves no tensor at all. Saving the dequantized Ŵ instead would keep a full-precision
+copy of every layer alive between forward and backward -- the memory 4 bits were meant to save. The
+price is a second dequantize per layer in backward (cheap next to the matmul).
+
+`quantize_model` swaps every nn.Linear / GPT-2 Conv1D of a model (heads excepted) for an NF4Linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.config import QuantConfig
+from lorakit.devices import pick_dtype
+from lorakit.quant.nf4 import NF4State, dequantize_nf4, quantize_nf4
+
+_FP32_SCALES = ("absmax", "absmax2", "offset")
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """y = x Ŵᵀ + b with a backward that re-dequantizes Ŵ; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, state: NF4State, bias: torch.Tensor | None, dtype: torch.dtype):
+        # NOTE: the state is kept as a plain attribute, not save_for_backward: the buffers are frozen,
+        # and saved-tensor hooks (CPU offload) would otherwise copy the packed weight every step.
+        ctx.state, ctx.dtype = state, dtype
+        return F.linear(x, dequantize_nf4(state, dtype), bias)  # (..., in) -> (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ dequantize_nf4(ctx.state, ctx.dtype)  # (..., out) @ (out, in) -> (..., in)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)  # (out,)
+        return grad_x, None, grad_b, None
+
+
+class NF4Linear(nn.Module):
+    """A linear layer whose frozen (out, in) weight is stored as NF4 buffers (~0.516 bytes/weight).
+
+    Buffers (so `state_dict`, `.to(device)` and `.cuda()` carry them): `packed` plus `absmax`, or
+    with double quant `qabsmax`, `absmax2`, `offset`. Build one with `NF4Linear.from_linear`.
+    """
+
+    def __init__(self, state: NF4State, bias: torch.Tensor | None, compute_dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = state.shape
+        self.blocksize, self.blocksize2, self.compute_dtype = state.blocksize, state.blocksize2, compute_dtype
+        for name, tensor in state.tensors().items():
+            self.register_buffer(name, tensor)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(
+        cls,
+        layer: nn.Module,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+    ) -> NF4Linear:
+        """Quantize an nn.Linear or transformers' Conv1D (weight stored (in, out)); compute_dtype
+        None keeps the layer's own weight dtype."""
+        from transformers.pytorch_utils import Conv1D
+
+        if isinstance(layer, Conv1D):
+            weight = layer.weight.detach().T  # (in, out) -> (out, in)
+        elif isinstance(layer, nn.Linear):
+            weight = layer.weight.detach()  # (out, in)
+        else:
+            raise TypeError(f"NF4Linear.from_linear takes nn.Linear or Conv1D, got {type(layer).__name__}")
+        state = quantize_nf4(weight, blocksize, double_quant)
+        return cls(state, layer.bias, compute_dtype or weight.dtype)
+
+    def state(self) -> NF4State:
+        tensors = {name: buf for name, buf in self.named_buffers(recurse=False)}
+        shape = torch.Size((self.out_features, self.in_features))
+        return NF4State(shape=shape, blocksize=self.blocksize, blocksize2=self.blocksize2, **tensors)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight Ŵ, (out, in), in `dtype` (default: the compute dtype)."""
+        return dequantize_nf4(self.state(), dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in) any float dtype -> (..., out) in x's dtype; the matmul runs in compute_dtype."""
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        y = _NF4Matmul.apply(x.to(self.compute_dtype), self.state(), bias, self.compute_dtype)
+        return y.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` / `.half()` would round the fp32 scales too and break the
+        # bit-exact dequantization; let device moves through but keep their dtype.
+        before = {name: getattr(self, name) for name in _FP32_SCALES if getattr(self, name, None) is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                setattr(self, name, old.to(new.device))
+        return self
+
+    def extra_repr(self) -> str:
+        dq = f", double_quant(blocksize2={self.blocksize2})" if hasattr(self, "qabsmax") else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"nf4(blocksize={self.blocksize}){dq}, compute_dtype={self.compute_dtype}"
+        )
+
+
+def quantize_model(
+    model: nn.Module, config: QuantConfig, compute_dtype: torch.dtype | None = None, progress: bool = True
+) -> list[str]:
+    """Replace every nn.Linear / Conv1D (not in `config.skip_modules`) by an NF4Linear, in place.
+
+    A layer already inside a LoRA wrapper (`<name>.base_layer`) is quantized inside the wrapper and
+    matched against the skip list by the wrapper's name. The model's output embedding (the LM head,
+    whatever its name) is always kept, as transformers' bitsandbytes integration does. compute_dtype
+    None resolves `config.compute_dtype` on each layer's device. Returns the replaced module names.
+    """
+    from tqdm.auto import tqdm
+
+    targets, linear_names = _find_targets(model, config.skip_modules)
+    if not targets:
+        raise _nothing_to_quantize(model, config, linear_names)
+    for name in tqdm(targets, desc="quantizing to nf4", unit="layer", disable=not progress, leave=False):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = getattr(parent, child)
+        dtype = compute_dtype or pick_dtype(config.compute_dtype, layer.weight.device)
+        setattr(parent, child, NF4Linear.from_linear(layer, config.blocksize, config.double_quant, dtype))
+        # NOTE: the fp weight is freed when the last reference goes; a weight tied to an embedding stays.
+        del layer
+    return targets
+
+
+def _find_targets(model: nn.Module, skip: list[str]) -> tuple[list[str], list[str]]:
+    """(names to quantize, names of all linear layers), both as full module names."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = [head, getattr(head, "base_layer", None)]  # the head itself, or inside a LoRA wrapper
+    targets, linear_names = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, Conv1D)) or ".lora_" in f".{name}":
+            continue  # LoRA's own factors (lora_A/lora_B) stay in full precision
+        match_name = name.removesuffix(".base_layer")
+        linear_names.append(match_name)
+        skipped = any(match_name == s or match_name.endswith("." + s) for s in skip)
+        if not skipped and not any(module is h for h in heads):
+            targets.append(name)
+    return targets, linear_names
+
+
+def _nothing_to_quantize(model: nn.Module, config: QuantConfig, linear_names: list[str]) -> ValueError:
+    done = sum(isinstance(m, NF4Linear) for m in model.modules())
+    if done:
+        return ValueError(f"the model already has {done} NF4Linear layers and nothing left to quantize")
+    if not linear_names:
+        return ValueError(f"quantize_model found no nn.Linear or Conv1D layer in {type(model).__name__}")
+    suffixes = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linear_names}))
+    return ValueError(
+        f"quantize_model found no layer to quantize: the model's nn.Linear/Conv1D layers end with: {suffixes}, "
+        f"and quant.skip_modules={config.skip_modules!r} (plus the output head) excludes all of them. "
+        f"Remove entries from quant.skip_modules, or use method: lora without quantization."
+    )
