@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as tf
@@ -69,3 +71,56 @@ def randomize_lora(model: torch.nn.Module, seed: int = 7) -> None:
 @pytest.fixture
 def tiny():
     return build_tiny
+
+
+WORDS = "the a cat dog sat ran on mat log red blue big small fast slow and then it was very happy sad".split()
+
+
+def tiny_tokenizer():
+    """Word-level tokenizer with ChatML special tokens and chat template, trained on nothing."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + WORDS + ["user", "assistant", "system", ":", "."])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+    )
+    return fast
+
+
+def save_tiny_base(path, seed: int = 0):
+    """A tiny Llama + tokenizer saved as a local model directory (what a hub id resolves to)."""
+    import transformers as tf
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            initializer_range=0.2)  # HF's 0.02 caps |logits| < 1 behind the frozen head
+    tf.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_text_data(path, n: int = 48, seed: int = 0):
+    """JSONL of short raw-text rows of varying length (different supervised-token counts per row).
+
+    Each row walks WORDS in order from a random start, so the next word is learnable."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for i in range(n):
+            start = rng.randrange(len(WORDS))
+            words = [WORDS[(start + k) % len(WORDS)] for k in range(3 + (i * 7) % 11)]
+            f.write(json.dumps({"text": " ".join(words)}) + "\n")
+    return path

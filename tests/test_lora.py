@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ALL_KINDS, CAUSAL_KINDS, batch, build_tiny, logits, randomize_lora
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from conftest import ALL_KINDS, CAUSAL_KINDS, batch, build_tiny, logits, randomize_lora
 from lorakit import (
     LoraConfig,
     LoraLinear,
+    QuantConfig,
     adapter_rows,
     adapters_disabled,
     count_parameters,
     inject_lora,
     merge_lora_weights,
     parameter_report,
+    quantize_model,
     set_adapter,
     unmerge_lora_weights,
 )
-from lorakit.lora import find_target_modules
+from lorakit.lora import delete_adapter, find_target_modules
+from lorakit.quant import NF4Linear
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
@@ -29,6 +33,60 @@ def test_zero_B_is_identical_to_base(kind):
     before = logits(model, ids)
     inject_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
     assert torch.equal(logits(model, ids), before)
+
+
+def _base_layer(kind: str) -> nn.Module:
+    """A 24 -> 40 layer of each kind LoRA wraps, with a non-zero bias."""
+    torch.manual_seed(0)
+    if kind == "conv1d":
+        layer = Conv1D(nf=40, nx=24)  # weight (in, out)
+    else:
+        layer = nn.Linear(24, 40)
+    nn.init.normal_(layer.bias, std=0.5)
+    return NF4Linear.from_linear(layer, compute_dtype=torch.float32) if kind.startswith("nf4") else layer
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "nf4"])
+def test_forward_equals_float64_formula_on_every_base(kind):
+    """base(x) is evaluated in float64 from the layer's own (dequantized) weight: x Wᵀ + b (Conv1D: x W + b)."""
+    base = _base_layer(kind)
+    layer = LoraLinear(base)
+    layer.add_adapter("default", LoraConfig(r=3, alpha=7.0, dropout=0.0))
+    nn.init.normal_(layer.lora_B["default"].weight)
+    assert (layer.in_features, layer.out_features) == (24, 40)
+    x = torch.randn(2, 3, 24, generator=torch.Generator().manual_seed(1))
+    if kind == "nf4":
+        W = base.dequantize(torch.float64)  # (out, in)
+    else:
+        W = base.weight.double().T if kind == "conv1d" else base.weight.double()  # (out, in)
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    expected = x.double() @ W.T + base.bias.double() + (7.0 / 3) * (x.double() @ A.T @ B.T)
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["kaiming", "gaussian"])
+def test_init_is_bit_identical_to_peft(init):
+    """Same seed, same factors: A kaiming-uniform (PEFT's True) or N(0, 1/r) ('gaussian'), B zero."""
+    peft = pytest.importorskip("peft")
+    ours, ref = build_tiny("llama"), build_tiny("llama")
+    torch.manual_seed(5)
+    inject_lora(ours, LoraConfig(r=4, init=init))
+    torch.manual_seed(5)
+    ref = peft.get_peft_model(ref, peft.LoraConfig(r=4, target_modules="all-linear",
+                                                   init_lora_weights=True if init == "kaiming" else "gaussian"))
+    from lorakit.adapters import lora_state_dict
+
+    mine, theirs = lora_state_dict(ours), peft.get_peft_model_state_dict(ref)
+    assert sorted(mine) == sorted(theirs) and len(mine) == 2 * 14
+    for key, tensor in mine.items():
+        assert torch.equal(tensor, theirs[key]), key
+        if ".lora_B." in key:
+            assert not tensor.any()
+    A = ours.model.layers[0].mlp.down_proj.lora_A["default"].weight  # (4, 64)
+    if init == "kaiming":  # kaiming_uniform(a=√5) is U(-1/√in, 1/√in)
+        assert A.abs().max() <= 64**-0.5 and A.abs().max() > 0.8 * 64**-0.5
+    else:
+        assert 0.15 < A.std() < 0.35  # std 1/r = 0.25
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
@@ -62,7 +120,7 @@ def test_dropout_only_on_lora_path_and_only_in_training():
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
-def test_matches_peft_forward(kind):
+def test_matches_peft_forward(kind, capsys):
     peft = pytest.importorskip("peft")
     ours, ref = build_tiny(kind), build_tiny(kind)
     is_cls = kind.endswith("_cls")
@@ -79,6 +137,10 @@ def test_matches_peft_forward(kind):
     torch.testing.assert_close(logits(ours, ids), logits(ref, ids), rtol=0, atol=1e-5)
     ours_trainable, _ = count_parameters(ours)
     assert ours_trainable == sum(p.numel() for p in ref.parameters() if p.requires_grad)
+    if not is_cls:  # PEFT also counts the frozen copy of a head it trains in full; we keep no copy
+        assert count_parameters(ours) == ref.get_nb_trainable_parameters()
+        ref.print_trainable_parameters()
+        assert capsys.readouterr().out.strip() == parameter_report(ours)
 
 
 def _copy_lora_into_peft(ours, ref):
@@ -218,8 +280,6 @@ def test_gradients_reach_only_adapters():
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_qlora_merge_into_dequantized_base_equals_unmerged(kind, caplog):
-    from lorakit import NF4Linear, QuantConfig, quantize_model
-
     model = build_tiny(kind)
     quantize_model(model, QuantConfig(), compute_dtype=torch.float32, progress=False)
     inject_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
@@ -237,8 +297,6 @@ def test_qlora_merge_into_dequantized_base_equals_unmerged(kind, caplog):
 
 
 def test_qlora_gradients_flow_through_4bit_base_with_checkpointing():
-    from lorakit import QuantConfig, quantize_model
-
     model = build_tiny("llama")
     quantize_model(model, QuantConfig(), compute_dtype=torch.float32, progress=False)
     inject_lora(model, LoraConfig(r=4, dropout=0.0))
@@ -249,3 +307,182 @@ def test_qlora_gradients_flow_through_4bit_base_with_checkpointing():
     model(input_ids=ids, labels=ids).loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+# --------------------------------------------------------------------------- targets, heads, config errors
+
+
+def test_heads_are_adapted_only_when_asked():
+    model = build_tiny("gpt2")  # lm_head is tied to the input embedding
+    assert not any("lm_head" in n for n in inject_lora(model, LoraConfig(r=2), "auto"))
+    assert find_target_modules(build_tiny("llama"), ["q_proj", "lm_head"])[-1] == "lm_head"
+    assert find_target_modules(build_tiny("llama"), r"lm_head|.*\.0\.self_attn\.q_proj") == [
+        "model.layers.0.self_attn.q_proj", "lm_head"]
+    cls = build_tiny("bert_cls")
+    targets = inject_lora(cls, LoraConfig(r=2, modules_to_save=["classifier"]))
+    assert not any(t.endswith("classifier") for t in targets) and "bert.pooler.dense" in targets
+    trainable = {n for n, p in cls.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= trainable  # the head is trained in full
+    assert all(".lora_" in n or n.startswith("classifier.") for n in trainable)
+
+
+def test_every_invalid_lora_value_is_named_with_the_valid_choices():
+    problems = LoraConfig(r=2.5, alpha=-1, dropout=1.0, target_modules=[], init="xavier", bias="all",
+                          modules_to_save="score").problems()
+    expected = [
+        "lora.r must be an integer >= 1, got 2.5",
+        "lora.alpha must be a number > 0, got -1",
+        "lora.dropout must be in [0, 1), got 1.0",
+        "lora.target_modules must be a preset (minimal, attention, all-linear), a non-empty list of module-name suffixes, or a regex; got []",
+        "lora.init must be one of kaiming, gaussian; got 'xavier'",
+        "lora.bias must be one of none; got 'all'",
+        "lora.modules_to_save must be a list of module names, got 'score'",
+    ]
+    assert [p.split(" (a common")[0] for p in problems] == expected
+    with pytest.raises(ValueError, match=r"lora.bias must be one of none; got 'all'"):
+        inject_lora(build_tiny("llama"), LoraConfig(bias="all"))
+
+
+@pytest.mark.parametrize("kind, minimal, attention", [
+    ("llama", 4, 8), ("qwen2", 4, 8), ("mistral", 4, 8), ("phi3", 2, 4), ("gpt2", 2, 4), ("bert_cls", 4, 8),
+])
+def test_presets_resolve_on_every_family(kind, minimal, attention):
+    model = build_tiny(kind)
+    small, attn = find_target_modules(model, "minimal"), find_target_modules(model, "attention")
+    assert (len(small), len(attn)) == (minimal, attention) and set(small) <= set(attn)
+    assert set(attn) < set(find_target_modules(model, "all-linear"))
+
+
+def test_preset_typo_is_reported_with_the_presets():
+    with pytest.raises(ValueError, match=r"'all_linear' matched no module; linear layers here end with: .*q_proj.*"
+                                         r"a preset \(minimal, attention, all-linear\), or a regex"):
+        inject_lora(build_tiny("llama"), LoraConfig(target_modules="all_linear"))
+
+
+def test_error_when_modules_to_save_matches_nothing():
+    with pytest.raises(ValueError, match=r"lora.modules_to_save entry 'score' matched no module; heads here: \['classifier'\]"):
+        inject_lora(build_tiny("bert_cls"), LoraConfig(modules_to_save=["score"]))
+
+
+def test_qlora_parameter_count_is_the_logical_model_size():
+    plain, quantized = build_tiny("qwen2"), build_tiny("qwen2")
+    quantize_model(quantized, QuantConfig(), compute_dtype=torch.float32, progress=False)
+    inject_lora(plain, LoraConfig(r=4))
+    inject_lora(quantized, LoraConfig(r=4))
+    assert count_parameters(quantized) == count_parameters(plain)
+    assert parameter_report(quantized) == parameter_report(plain)
+
+
+# --------------------------------------------------------------------------- several adapters
+
+
+def _two_adapters(kind: str):
+    """Adapters 'a' (all-linear, r=4) and 'b' (attention, r=8), both with random factors."""
+    model = build_tiny(kind)
+    inject_lora(model, LoraConfig(r=4, dropout=0.0), "a")
+    inject_lora(model, LoraConfig(r=8, alpha=4, dropout=0.0, target_modules="attention"), "b")
+    randomize_lora(model, seed=3)  # every factor, of both adapters
+    set_adapter(model, "a")
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
+def test_mixed_rows_equal_each_row_run_alone(kind):
+    model = _two_adapters(kind)
+    ids = batch(rows=4)
+    names = ["b", None, "a", "b"]
+    with adapter_rows(model, names):
+        mixed = logits(model, ids)
+    for i, name in enumerate(names):
+        if name is None:
+            with adapters_disabled(model):
+                alone = logits(model, ids[i : i + 1])
+        else:
+            set_adapter(model, name)
+            alone = logits(model, ids[i : i + 1])
+        torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+    with adapters_disabled(model):
+        base = logits(model, ids)
+    assert all((mixed[i] - base[i]).abs().max() > 1e-3 for i in (0, 2, 3))  # both adapters do something
+
+
+def test_set_adapter_makes_only_the_active_adapter_trainable():
+    model = _two_adapters("llama")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A.a." in n or ".lora_B.a." in n for n in trainable)
+    set_adapter(model, "b")
+    assert count_parameters(model)[0] == 2 * (8 * (32 + 32) * 2 + 8 * (32 + 16) * 2)  # q,o 32->32; k,v 32->16
+    delete_adapter(model, "b")
+    with pytest.raises(ValueError, match=r"no adapter named 'b'; adapters here: \['a'\]"):
+        set_adapter(model, "b")
+
+
+def test_several_adapter_errors_name_the_adapters():
+    model = _two_adapters("llama")
+    with pytest.raises(ValueError, match=r"no adapter named 'c'; adapters here: \['a', 'b'\]"):
+        set_adapter(model, "c")
+    with pytest.raises(ValueError, match=r"adapter 'a' already exists; adapters here: \['a', 'b'\]"):
+        inject_lora(model, LoraConfig(), "a")
+    with pytest.raises(ValueError, match=r"adapter_rows has 2 names for a batch of 3 rows"):
+        with adapter_rows(model, ["a", "b"]):
+            logits(model, batch(rows=3))
+    merge_lora_weights(model, remove_wrappers=False)
+    with pytest.raises(RuntimeError, match=r"adapter\(s\) \['a'\] are merged into the base weights; unmerge"):
+        with adapter_rows(model, ["a", "b"]):
+            pass
+    with pytest.raises(RuntimeError, match="adapters are merged into the base weights; unmerge before disabling"):
+        with adapters_disabled(model):
+            logits(model, batch())
+
+
+def test_two_adapters_cannot_both_train_the_same_head():
+    model = build_tiny("llama_cls")
+    inject_lora(model, LoraConfig(r=4, modules_to_save=["score"]), "a")
+    with pytest.raises(ValueError, match=r"adapter 'b' trains \['score'\] in full, but adapter 'a' already does"):
+        inject_lora(model, LoraConfig(r=4, modules_to_save=["score"]), "b")
+    inject_lora(model, LoraConfig(r=4, target_modules="minimal"), "c")  # no head: fine, and 'a' keeps its head
+    assert model.score.weight.requires_grad
+
+
+# --------------------------------------------------------------------------- QLoRA merge
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
+def test_qlora_merge_with_some_targets_leaves_a_plain_model(kind, caplog):
+    """Layers without an adapter are dequantized too, and GPT-2's Conv1D comes back as a Conv1D."""
+    model = build_tiny(kind)
+    quantize_model(model, QuantConfig(), compute_dtype=torch.float32, progress=False)
+    inject_lora(model, LoraConfig(r=4, dropout=0.0, target_modules="minimal"))
+    randomize_lora(model)
+    ids = batch()
+    unmerged = logits(model, ids)
+    with caplog.at_level("WARNING"):
+        merge_lora_weights(model)
+    assert "4-bit layers without an adapter were dequantized too" in caplog.text
+    assert not any(isinstance(m, (NF4Linear, LoraLinear)) for m in model.modules())
+    if kind == "gpt2":
+        assert isinstance(model.transformer.h[0].attn.c_attn, Conv1D) and isinstance(model.transformer.h[0].mlp.c_fc, Conv1D)
+    torch.testing.assert_close(logits(model, ids), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_merge_of_a_bf16_model_stays_bf16():
+    """On CUDA the model is bf16: merged layers in fp32 would break the next forward (dtype mismatch)."""
+    model = build_tiny("llama").to(torch.bfloat16)
+    quantize_model(model, QuantConfig(), compute_dtype=torch.bfloat16, progress=False)
+    inject_lora(model, LoraConfig(r=4, dropout=0.0))
+    randomize_lora(model)
+    ids = batch()
+    unmerged = logits(model, ids).float()
+    merge_lora_weights(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(logits(model, ids).float(), unmerged, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_zero_B_is_identical_to_quantized_base(kind):
+    model = build_tiny(kind)
+    quantize_model(model, QuantConfig(), compute_dtype=torch.float32, progress=False)
+    ids = batch()
+    before = logits(model, ids)
+    inject_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
+    assert torch.equal(logits(model, ids), before)

@@ -8,6 +8,7 @@ from lorakit.adapters import (  # noqa: E402
     load_lora_adapter,
     save_lora_adapter,
 )
+from lorakit.advise import AdviceError, advise  # noqa: E402
 from lorakit.config import ConfigError, LoraConfig, QuantConfig, RunConfig, load_run_config  # noqa: E402
 from lorakit.lora import (  # noqa: E402
     LoraLinear,
@@ -24,6 +25,7 @@ from lorakit.quant import NF4Linear, quantize_model  # noqa: E402
 
 __all__ = [
     "AdapterError",
+    "AdviceError",
     "ConfigError",
     "LoraConfig",
     "LoraLinear",
@@ -33,6 +35,7 @@ __all__ = [
     "__version__",
     "adapter_rows",
     "adapters_disabled",
+    "advise",
     "count_parameters",
     "export_merged",
     "inject_lora",

@@ -30,11 +30,13 @@ from lorakit.config import LoraConfig
 from lorakit.lora import (
     LoraLinear,
     adapter_configs,
+    fan_in_fan_out,
     inject_lora,
     is_conv1d,
     linear_module_names,
     lora_layers,
     merge_lora_weights,
+    modules_to_save,
 )
 
 CONFIG_FILE = "adapter_config.json"
@@ -43,6 +45,7 @@ META_FILE = "lorakit.json"
 TEMPLATE_FILE = "chat_template.jinja"
 PREFIX = "base_model.model."
 VLLM_DEFAULT_MAX_RANK = 16
+VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for --max-lora-rank
 
 
 class AdapterError(ValueError):
@@ -59,8 +62,11 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     gives the same hash whether it is plain, adapted or quantized."""
     config = getattr(model, "config", None)
     config_dict = config.to_dict() if config is not None else {}
+    # Keys that differ between runs of the same weights: how it was loaded or saved, runtime switches,
+    # and problem_type, which a sequence classifier's forward fills in on its first batch with labels.
     volatile = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "use_cache",
-                "quantization_config", "_attn_implementation_autoset", "output_hidden_states"}
+                "quantization_config", "_attn_implementation_autoset", "output_hidden_states", "output_attentions",
+                "return_dict", "architectures", "problem_type"}
     stable = {k: v for k, v in sorted(config_dict.items()) if k not in volatile}
     digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode())
     for name, shape in base_weight_shapes(model):
@@ -80,9 +86,8 @@ def base_weight_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
         if ".lora_" in f".{name}" or isinstance(module, LoraLinear):
             continue
         clean = name.replace(".base_layer", "")
-        if isinstance(module, NF4Linear):
+        if isinstance(module, NF4Linear):  # its weight is buffers; its bias is still a parameter
             shapes.append((f"{clean}.weight", (module.out_features, module.in_features)))
-            continue
         for pname, param in module.named_parameters(recurse=False):
             shape = tuple(param.shape)
             shapes.append((f"{clean}.{pname}", shape[::-1] if is_conv1d(module) and pname == "weight" else shape))
@@ -99,7 +104,7 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
         if adapter_name in layer.lora_A:
             out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
             out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
-    for module_name in getattr(model, "lorakit_modules_to_save", []):
+    for module_name in modules_to_save(model, adapter_name):
         for pname, param in model.get_submodule(module_name).named_parameters():
             out[f"{PREFIX}{module_name}.{pname}"] = param
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
@@ -112,15 +117,15 @@ def peft_config_dict(model: nn.Module, config: LoraConfig, adapter_name: str, ta
         "peft_type": "LORA",
         "task_type": task_type or _guess_task_type(model),
         "r": config.r,
-        "lora_alpha": config.alpha,
+        "lora_alpha": int(config.alpha) if float(config.alpha).is_integer() else config.alpha,
         "lora_dropout": config.dropout,
         "target_modules": _portable_targets(model, [n for n, _ in layers]),
         "bias": config.bias,
         "use_rslora": config.use_rslora,
         "use_dora": False,
-        "fan_in_fan_out": any(is_conv1d(layer.base_layer) for _, layer in layers),
+        "fan_in_fan_out": any(fan_in_fan_out(layer.base_layer) for _, layer in layers),
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
-        "modules_to_save": list(getattr(model, "lorakit_modules_to_save", [])) or None,
+        "modules_to_save": modules_to_save(model, adapter_name) or None,
         "base_model_name_or_path": getattr(config_obj, "_name_or_path", None) or None,
         "revision": getattr(config_obj, "_commit_hash", None),
         "inference_mode": True,
@@ -195,8 +200,18 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
 
 
 def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
+    """lorakit.json as a dict; {} for a PEFT adapter that has none."""
     path = Path(adapter_dir) / META_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path} is not valid JSON ({e}); the file is corrupt -- re-save the adapter, or delete "
+                           f"{META_FILE} to load it as a plain PEFT adapter (no base-model check)") from None
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{path} must hold a JSON object, got {type(meta).__name__}; re-save the adapter")
+    return meta
 
 
 def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
@@ -224,6 +239,7 @@ def load_lora_adapter(
         _check_fingerprint(model, adapter_dir)
     tensors = _read_tensors(adapter_dir)
     lora, full = _split_keys(tensors, adapter_dir)
+    _check_modules(model, lora, full, adapter_dir, int(peft_config.get("r", 8)))
     config = LoraConfig(
         r=int(peft_config.get("r", 8)),
         alpha=float(peft_config.get("lora_alpha", 8)),
@@ -232,7 +248,6 @@ def load_lora_adapter(
         use_rslora=bool(peft_config.get("use_rslora", False)),
         modules_to_save=sorted({k.rsplit(".", 1)[0] for k in full}),
     )
-    _check_modules(model, lora, full, adapter_dir)
     targets = inject_lora(model, config, adapter_name)
     _copy_weights(model, lora, full, adapter_name, adapter_dir)
     return targets
@@ -256,10 +271,14 @@ def _split_keys(tensors: dict[str, torch.Tensor], adapter_dir: Path) -> tuple[di
     for module, parts in lora.items():
         if set(parts) != {"A", "B"}:
             raise AdapterError(f"{adapter_dir / WEIGHTS_FILE}: {module} has lora_{''.join(parts)} but not its pair; the file is incomplete")
+    if not lora:
+        raise AdapterError(f"{adapter_dir / WEIGHTS_FILE} holds no lora_A/lora_B tensors (keys: {sorted(tensors)[:5]}); "
+                           "it is not a LoRA adapter or the file is incomplete")
     return lora, full
 
 
-def _check_modules(model: nn.Module, lora: dict, full: dict, adapter_dir: Path) -> None:
+def _check_modules(model: nn.Module, lora: dict, full: dict, adapter_dir: Path, r: int) -> None:
+    """Every tensor must fit the layer it is for; r is the rank adapter_config.json declares."""
     problems = []
     linear = set(linear_module_names(model))
     for module, parts in lora.items():
@@ -268,7 +287,6 @@ def _check_modules(model: nn.Module, lora: dict, full: dict, adapter_dir: Path) 
             continue
         layer = model.get_submodule(module)
         in_f, out_f = (layer.in_features, layer.out_features) if isinstance(layer, LoraLinear) else _shape(layer)
-        r = parts["A"].shape[0]
         want_a, want_b = (r, in_f), (out_f, r)
         if tuple(parts["A"].shape) != want_a or tuple(parts["B"].shape) != want_b:
             problems.append(
@@ -285,7 +303,8 @@ def _check_modules(model: nn.Module, lora: dict, full: dict, adapter_dir: Path) 
         base = read_metadata(adapter_dir).get("base_model", {}).get("name") or _peft_base(adapter_dir)
         raise AdapterError(
             f"adapter {adapter_dir} does not fit this model (likely trained for another base or revision"
-            f"{f': {base}' if base else ''}):\n  - " + "\n  - ".join(problems[:20])
+            f"{f': {base}' if base else ''}, or {CONFIG_FILE} and {WEIGHTS_FILE} do not belong together):\n  - "
+            + "\n  - ".join(problems[:20])
         )
 
 
@@ -352,7 +371,11 @@ def list_adapters(root: str | Path) -> list[dict[str, Any]]:
         except (OSError, json.JSONDecodeError) as e:
             rows.append({"path": str(adapter_dir), "error": f"unreadable {CONFIG_FILE}: {e}"})
             continue
-        meta = read_metadata(adapter_dir)
+        try:
+            meta = read_metadata(adapter_dir)
+        except AdapterError as e:
+            rows.append({"path": str(adapter_dir), "error": str(e)})
+            continue
         rows.append({
             "path": str(adapter_dir),
             "base_model": meta.get("base_model", {}).get("name") or config.get("base_model_name_or_path"),
@@ -368,6 +391,8 @@ def list_adapters(root: str | Path) -> list[dict[str, Any]]:
 
 def check_adapter(adapter_dir: str | Path, target: str = "vllm") -> list[str]:
     """What a serving engine would reject or warn about; an empty list means it should load."""
+    if target != "vllm":
+        raise ValueError(f"check_adapter target must be one of vllm; got {target!r}")
     adapter_dir = Path(adapter_dir)
     problems = []
     try:
@@ -377,8 +402,13 @@ def check_adapter(adapter_dir: str | Path, target: str = "vllm") -> list[str]:
         return [str(e)]
     if target == "vllm":
         r = int(config.get("r", 0))
-        if r > VLLM_DEFAULT_MAX_RANK:
-            problems.append(f"rank {r} is above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_RANK}; start vLLM with --max-lora-rank {r}")
+        fits = [m for m in VLLM_MAX_RANKS if m >= r]
+        if r > VLLM_DEFAULT_MAX_RANK and fits:
+            problems.append(f"rank {r} is above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_RANK}; start vLLM with "
+                            f"--max-lora-rank {fits[0]} (it accepts {', '.join(map(str, VLLM_MAX_RANKS))})")
+        elif not fits:
+            problems.append(f"rank {r} is above the largest --max-lora-rank vLLM accepts ({VLLM_MAX_RANKS[-1]}); "
+                            "retrain with a smaller r or merge the adapter")
         if config.get("modules_to_save"):
             problems.append(f"modules_to_save {config['modules_to_save']} (extra trainable modules) are rejected by vLLM; merge the adapter instead")
         if config.get("bias", "none") != "none":

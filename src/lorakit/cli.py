@@ -16,11 +16,12 @@ EXIT_USER_ERROR = 2
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from lorakit.adapters import AdapterError
+    from lorakit.advise import AdviceError
     from lorakit.config import ConfigError
     from lorakit.models import ModelLoadError
     from lorakit.train import TrainingError
 
-    errors: list[type[BaseException]] = [AdapterError, ConfigError, ModelLoadError, TrainingError]
+    errors: list[type[BaseException]] = [AdapterError, AdviceError, ConfigError, ModelLoadError, TrainingError]
     try:
         from lorakit.data import DataError
 
@@ -36,7 +37,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def cmd_train(args: argparse.Namespace) -> int:
     from lorakit.train import format_summary, train_lora
 
-    result = train_lora(args.config, args.set, resume=args.resume, progress=not args.quiet)
+    result = train_lora(args.config, args.set, resume=args.resume, progress=not args.quiet,
+                        memory_check=not args.no_memory_check)
     print(format_summary(result))
     return 0
 
@@ -59,7 +61,8 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
         paths = write_demo_data(Path(config.output_dir) / "data")
         config.data.train, config.data.eval = str(paths["train"]), config.data.eval or str(paths["eval"])
     tokenizer = load_tokenizer(config.base_model, config.revision)
-    print(inspect_data(config.data, tokenizer, n=args.n, as_json=args.json))
+    print(inspect_data(config.data, tokenizer, n=args.n, as_json=args.json, task=config.task,
+                       batch_size=config.train.micro_batch_size))
     return 0
 
 
@@ -144,6 +147,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from lorakit.serve import ServeSettings, parse_adapter_specs, run_server
+
+    settings = ServeSettings(
+        base=args.base, quant=args.quant, adapters=parse_adapter_specs(args.adapter),
+        adapter_roots=args.adapter_root, host=args.host, port=args.port,
+        api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"), max_batch=args.max_batch,
+        max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
+        device=args.device, dtype=args.dtype,
+    )
+    return run_server(settings)
+
+
+def cmd_advise(args: argparse.Namespace) -> int:
+    from lorakit.advise import advise
+    from lorakit.config import load_run_config
+
+    config = load_run_config(args.config, args.set) if args.config or args.set else None
+    advice = advise(config, model=args.model, memory=args.memory, device=args.device, task=args.task,
+                    examples=args.examples, data=args.data, seq_len=args.seq_len, serving=args.serving,
+                    price_per_hour=args.price_per_hour, gpu=args.gpu)
+    print(json.dumps(advice.to_json(), indent=2) if args.json else advice.render())
+    return 0
+
+
 def cmd_config_keys(args: argparse.Namespace) -> int:
     from lorakit.config import RunConfig, field_help
 
@@ -173,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="start even when the advisor predicts the run will not fit in memory")
     p.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="look at the data as the model will see it").add_subparsers(dest="data_cmd", required=True)
@@ -216,6 +248,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server: one base, many adapters, mixed in each batch")
+    p.add_argument("--base", required=True, help="hub id or directory of the base model ('demo' for the built-in one)")
+    p.add_argument("--quant", choices=["none", "nf4"], default="none", help="store the base in 4-bit NF4")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="serve the adapter in DIR as model NAME (repeatable)")
+    p.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                   help="directory that POST /v1/load_lora_adapter may load from (repeatable; none = off)")
+    p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set LORAKIT_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=16, help="most sequences per forward (default 16)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt accepted, in tokens")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (413 above)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("advise", help="what to run, whether it fits in memory and how long it takes (no weights loaded)")
+    p.add_argument("--config", help="YAML run config: predict exactly this run")
+    p.add_argument("--model", help="hub id, model directory, family (llama-3-8b) or size (8B)")
+    p.add_argument("--memory", help="memory to plan for, e.g. 24GB, 24GiB (default: what this machine has)")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="device to plan for (default: the config's, or this machine's)")
+    p.add_argument("--gpu", help="a GPU not on this machine, for its memory and datasheet rates (e.g. 'RTX 4090')")
+    p.add_argument("--task", help="classification, qa, summarization, translation, chat, instruction, code, reasoning, ...")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--examples", type=int, help="number of training examples")
+    size.add_argument("--data", help="training data file or directory (examples counted, lengths estimated)")
+    p.add_argument("--seq-len", type=int, help="tokens per row (default: the config's, or from --data)")
+    p.add_argument("--serving", choices=["single", "multi"], default="single", help="one merged model or many adapters")
+    p.add_argument("--price-per-hour", type=float, help="machine price per hour, for the cost estimate")
+    p.add_argument("--json", action="store_true", help="machine-readable output (same numbers)")
+    _add_set(p)
+    p.set_defaults(func=cmd_advise)
 
     p = sub.add_parser("config", help="every YAML key with its default and meaning")
     p.set_defaults(func=cmd_config_keys)

@@ -15,6 +15,7 @@ forward -- the server batches requests for different adapters this way.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import re
@@ -67,6 +68,11 @@ def is_conv1d(layer: nn.Module) -> bool:
     return isinstance(layer, Conv1D)
 
 
+def fan_in_fan_out(layer: nn.Module) -> bool:
+    """True for a layer that is, or was quantized from, a Conv1D (PEFT's `fan_in_fan_out`)."""
+    return is_conv1d(layer) or bool(getattr(layer, "conv1d", False))
+
+
 class LoraLinear(nn.Module):
     """A frozen base layer plus named low-rank adapters; see the module docstring for the maths."""
 
@@ -82,6 +88,7 @@ class LoraLinear(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.row_adapters: Sequence[str | None] | None = None
+        self.row_index: dict[tuple[str, torch.device], torch.Tensor] = {}  # shared by all layers in adapter_rows
 
     def add_adapter(self, name: str, config: LoraConfig) -> None:
         device = next(iter([*self.base_layer.parameters(), *self.base_layer.buffers()])).device
@@ -121,8 +128,12 @@ class LoraLinear(nn.Module):
         if len(names) != x.shape[0]:
             raise ValueError(f"adapter_rows has {len(names)} names for a batch of {x.shape[0]} rows")
         for name in dict.fromkeys(n for n in names if n is not None):
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            y = y.index_add(0, rows, self.delta(x.index_select(0, rows), name).to(y.dtype))
+            # one host->device copy per adapter per `adapter_rows` block, not one per layer per forward
+            rows = self.row_index.get((name, x.device))
+            if rows is None:
+                rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)  # (rows of name,)
+                self.row_index[(name, x.device)] = rows
+            y = y.index_add(0, rows, self.delta(x.index_select(0, rows), name).to(y.dtype))  # (B, ..., out)
         return y
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -210,7 +221,11 @@ def _resolve_preset(preset: str, names: list[str]) -> list[str]:
 
 def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> list[str]:
     """Wrap the target layers of `model` in place, freeze everything but the adapters (and
-    `config.modules_to_save`), and return the adapted module names."""
+    `config.modules_to_save`), make `adapter_name` the active adapter, and return the adapted module names.
+
+    Heads (lm_head, score, classifier) are adapted only when named in a list or matched by a regex;
+    `modules_to_save` trains a module (a classifier head) in full instead, like PEFT's option.
+    """
     problems = config.problems()
     if problems:
         raise ValueError("; ".join(problems))
@@ -218,16 +233,35 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         raise ValueError(f"adapter {adapter_name!r} already exists; adapters here: {list(adapter_configs(model))}")
     targets = find_target_modules(model, config.target_modules)
     save_names = _find_modules_to_save(model, config.modules_to_save)
+    _check_save_owners(model, save_names, adapter_name)
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLinear):
             module = LoraLinear(module)
             _replace_module(model, name, module)
         module.add_adapter(adapter_name, config)
-    model.lorakit_adapters = {**adapter_configs(model), adapter_name: config}
-    freeze_base(model, save_names)
+    # a copy: the caller's lists may be changed later (PEFT's LoraConfig appends to modules_to_save in place)
+    model.lorakit_adapters = {**adapter_configs(model), adapter_name: copy.deepcopy(config)}
+    freeze_base(model, [m for a in adapter_configs(model) for m in modules_to_save(model, a)])
     set_adapter(model, adapter_name)
     return targets
+
+
+def modules_to_save(model: nn.Module, adapter_name: str) -> list[str]:
+    """Full names of the modules `adapter_name` trains in full."""
+    return _find_modules_to_save(model, adapter_configs(model)[adapter_name].modules_to_save)
+
+
+def _check_save_owners(model: nn.Module, save_names: list[str], adapter_name: str) -> None:
+    # NOTE: a module trained in full exists once (PEFT keeps a copy per adapter); two adapters that
+    # both train it would overwrite each other's weights, so that is refused instead.
+    for other in adapter_configs(model):
+        shared = sorted(set(save_names) & set(modules_to_save(model, other)))
+        if shared:
+            raise ValueError(
+                f"adapter {adapter_name!r} trains {shared} in full, but adapter {other!r} already does; lorakit keeps "
+                "one copy of a fully trained module, so load the second adapter into its own model instance"
+            )
 
 
 def _find_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
@@ -266,11 +300,19 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
-    """Make `name` the adapter every wrapped layer applies."""
+    """Make `name` the adapter every wrapped layer applies, and (as in PEFT) the one whose factors
+    are trainable; the other adapters' factors get requires_grad=False.
+
+    NOTE: a module trained in full (modules_to_save) is not per adapter: it applies whichever adapter
+    is active, and `adapters_disabled` does not restore the base head (PEFT keeps a copy; we do not).
+    """
     if name not in adapter_configs(model):
         raise ValueError(f"no adapter named {name!r}; adapters here: {list(adapter_configs(model))}")
     for _, layer in lora_layers(model):
         layer.active_adapters = [name] if name in layer.lora_A else []
+        for store in (layer.lora_A, layer.lora_B):
+            for adapter, factor in store.items():
+                factor.requires_grad_(adapter == name)
 
 
 @contextlib.contextmanager
@@ -294,22 +336,31 @@ def adapter_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None
     if unknown:
         raise ValueError(f"unknown adapter(s) {unknown}; adapters here: {list(adapter_configs(model))}")
     layers = [layer for _, layer in lora_layers(model)]
+    merged = sorted({a for layer in layers for a in layer.merged_adapters})
+    if merged:
+        raise RuntimeError(f"adapter(s) {merged} are merged into the base weights; unmerge them before adapter_rows")
+    index: dict[tuple[str, torch.device], torch.Tensor] = {}
     for layer in layers:
         layer.row_adapters = [n if n in layer.lora_A else None for n in names]
+        layer.row_index = index
     try:
         yield
     finally:
         for layer in layers:
-            layer.row_adapters = None
+            layer.row_adapters, layer.row_index = None, {}
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` from every layer (the wrappers stay, for the other adapters)."""
     configs = adapter_configs(model)
     if name not in configs:
         raise ValueError(f"no adapter named {name!r}; adapters here: {list(configs)}")
+    if any(name in layer.merged_adapters for _, layer in lora_layers(model)):
+        raise RuntimeError(f"adapter {name!r} is merged into the base weights; unmerge_lora_weights before deleting it")
     for _, layer in lora_layers(model):
         for store in (layer.lora_A, layer.lora_B, layer.lora_dropout):
-            store.pop(name, None)
+            if name in store:  # ModuleDict.pop has no default argument
+                del store[name]
         layer.scaling.pop(name, None)
         layer.active_adapters = [n for n in layer.active_adapters if n != name]
     del configs[name]
@@ -343,7 +394,9 @@ def merge_lora_weights(model: nn.Module, remove_wrappers: bool = True) -> nn.Mod
 
     With `remove_wrappers` the LoRA wrappers are replaced by plain layers (a standard model that
     saves with `save_pretrained`). A 4-bit base is merged into its *dequantized* weight, giving a
-    full-precision nn.Linear -- it is never silently re-quantized, which would lose the update.
+    full-precision nn.Linear (Conv1D for GPT-2) in the model's dtype -- it is never silently
+    re-quantized, which would lose the update -- and the 4-bit layers without an adapter are
+    dequantized too, so the result holds no NF4 buffers that transformers could not load.
     Without `remove_wrappers` the wrappers stay so that `unmerge_lora_weights` can undo the merge.
     """
     from lorakit.quant.linear import NF4Linear
@@ -353,7 +406,9 @@ def merge_lora_weights(model: nn.Module, remove_wrappers: bool = True) -> nn.Mod
         if isinstance(layer.base_layer, NF4Linear):
             if not remove_wrappers:
                 raise ValueError(f"{name}: a 4-bit base can only be merged with remove_wrappers=True")
-            _replace_module(model, name, _merged_dequantized(layer))
+            deltas = [layer.delta_weight(a) for a in layer.active_adapters]
+            merged = layer.base_layer.dequantized_layer(sum(deltas) if deltas else None, _model_dtype(model))
+            _replace_module(model, name, merged)
             quantized += 1
             continue
         for adapter in layer.active_adapters:
@@ -362,13 +417,36 @@ def merge_lora_weights(model: nn.Module, remove_wrappers: bool = True) -> nn.Mod
                 layer.merged_adapters.append(adapter)
         if remove_wrappers:
             _replace_module(model, name, layer.base_layer)
-    if quantized:
-        log.warning("merged %d 4-bit layers into dequantized full-precision weights (not re-quantized)", quantized)
     if remove_wrappers:
+        plain = _dequantize_remaining(model)
+        if quantized or plain:
+            log.warning(
+                "merged %d 4-bit layers into dequantized full-precision weights (not re-quantized), dtype %s; "
+                "%d 4-bit layers without an adapter were dequantized too", quantized, _model_dtype(model), plain,
+            )
         model.lorakit_adapters = {}
+        model.lorakit_modules_to_save = []
         for param in model.parameters():
             param.requires_grad = False
     return model
+
+
+def _dequantize_remaining(model: nn.Module) -> int:
+    from lorakit.quant.linear import NF4Linear
+
+    names = [name for name, module in model.named_modules() if isinstance(module, NF4Linear)]
+    for name in names:
+        _replace_module(model, name, model.get_submodule(name).dequantized_layer(dtype=_model_dtype(model)))
+    return len(names)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the rest of the model computes in (its input embedding's), fp32 if it has none."""
+    try:
+        weight = getattr(model.get_input_embeddings(), "weight", None)
+    except (AttributeError, NotImplementedError):
+        weight = None
+    return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
 
 
 def unmerge_lora_weights(model: nn.Module) -> nn.Module:
@@ -386,16 +464,3 @@ def _add_to_base(layer: LoraLinear, delta: torch.Tensor) -> None:
     with torch.no_grad():
         weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
 
-
-def _merged_dequantized(layer: LoraLinear) -> nn.Linear:
-    base = layer.base_layer
-    weight = base.dequantize(torch.float32)  # (out, in)
-    for adapter in layer.active_adapters:
-        weight = weight + layer.delta_weight(adapter).to(weight.device)
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device=weight.device)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if base.bias is not None:
-            linear.bias.copy_(base.bias.float())
-    linear.requires_grad_(False)
-    return linear

@@ -165,7 +165,9 @@ def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Σ of per-token cross-entropy over supervised positions (labels shifted by one, as in HF)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    from lorakit.data import model_inputs
+
+    inputs = model_inputs(batch, model)
     labels = batch["labels"]
     if labels.dim() == 1:
         out = model(**inputs, labels=labels)
@@ -393,12 +395,16 @@ def training_rows(examples: list[Any], config: RunConfig) -> list[Any]:
 
 
 def train_lora(config: RunConfig | str | Path, overrides: list[str] | None = None, resume: bool = False,
-               progress: bool = True) -> TrainResult:
+               progress: bool = True, memory_check: bool = True) -> TrainResult:
     """Run one fine-tuning job end to end and return where everything went.
 
-    `config` is a RunConfig or a YAML path (validated whole before any weight is loaded)."""
+    `config` is a RunConfig or a YAML path (validated whole before any weight is loaded). With
+    `memory_check` the advisor predicts the peak memory from config.json alone and stops the run, with
+    what to change, before any weight is loaded when it would not fit."""
     if not isinstance(config, RunConfig):
         config = load_run_config(config, overrides)
+    if memory_check:
+        check_memory(config)
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -406,10 +412,13 @@ def train_lora(config: RunConfig | str | Path, overrides: list[str] | None = Non
     dump_yaml(config, run_dir / "config.yaml")
     device = pick_device(config.train.device)
     dtype = pick_dtype(config.train.dtype, device)
+    from lorakit.models import load_tokenizer
+
+    data = _prepare_data(config, load_tokenizer(config.base_model, config.revision))
+    dump_yaml(config, run_dir / "config.yaml")  # again: data paths and num_labels may now be filled in
     torch.manual_seed(config.train.seed)
     model, tokenizer = prepare_model(config, device, dtype)
     print(parameter_report(model), file=sys.stderr)
-    data = _prepare_data(config, tokenizer)
     loop = Loop(config, model, tokenizer, data, device, run_dir, progress)
     if resume:
         loop.resume()
@@ -422,6 +431,16 @@ def train_lora(config: RunConfig | str | Path, overrides: list[str] | None = Non
     return TrainResult(run_dir, adapter_dir, summary, model, tokenizer)
 
 
+def check_memory(config: RunConfig) -> None:
+    """Raise TrainingError with the advisor's advice when the predicted peak exceeds what is available."""
+    from lorakit.advise import available_memory, check_fits
+
+    device = pick_device(config.train.device)
+    problem = check_fits(config, available_memory(str(device)))
+    if problem:
+        raise TrainingError(problem)
+
+
 def _prepare_data(config: RunConfig, tokenizer: Any) -> Any:
     from lorakit.data import prepare_data
 
@@ -431,7 +450,10 @@ def _prepare_data(config: RunConfig, tokenizer: Any) -> Any:
         paths = write_demo_data(Path(config.output_dir) / "data")
         config.data.train = str(paths["train"])
         config.data.eval = config.data.eval or str(paths["eval"])
-    return prepare_data(config.data, tokenizer)
+    data = prepare_data(config.data, tokenizer, config.task, config.train.micro_batch_size)
+    if config.task == "seq_cls" and config.num_labels is None:
+        config.num_labels = len(data.label_names) if data.label_names else 1 + max(e.labels for e in data.train + data.eval)
+    return data
 
 
 def _clear_previous_run(run_dir: Path) -> None:

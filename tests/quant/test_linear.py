@@ -202,3 +202,113 @@ def test_quantize_model_error_lists_the_suffixes_present():
     quantize_model(model, QuantConfig(), progress=False)
     with pytest.raises(ValueError, match="already has 14 NF4Linear layers"):
         quantize_model(model, QuantConfig(), progress=False)
+
+
+def test_quantize_model_shows_progress(capsys):
+    model = _tiny_llama()
+    quantize_model(model, QuantConfig(), compute_dtype=torch.float32, progress=True)
+    err = capsys.readouterr().err
+    assert "quantizing to nf4" in err and "/14 [" in err and "layer/s" in err  # a bar over the 14 layers
+    quantize_model(_tiny_llama(), QuantConfig(), compute_dtype=torch.float32, progress=False)
+    assert "quantizing" not in capsys.readouterr().err
+
+
+def test_quantize_is_vectorized_as_fast_as_bitsandbytes_c_kernel():
+    """1M weights (16384 blocks): a per-block Python loop would take seconds; we stay near bnb's C code."""
+    import time
+
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    w = _randn(1024, 1024, seed=8)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    ours = best(lambda: quantize_nf4(w))
+    theirs = best(lambda: bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True))
+    assert ours < 4 * theirs + 0.05, (ours, theirs)
+
+
+def test_whole_model_bytes_per_quantized_parameter():
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=128)
+    model = tf.LlamaForCausalLM(config)
+    quantize_model(model, QuantConfig(), progress=False)
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    logical = sum(m.in_features * m.out_features for m in layers)
+    stored = sum(b.numel() * b.element_size() for m in layers for b in m.buffers())
+    assert len(layers) == 14 and stored / logical <= 0.52, stored / logical
+    assert not any(p.numel() == m.in_features * m.out_features for m in layers for p in m.parameters())
+
+
+def test_compute_dtype_auto_is_bf16_on_cuda_and_fp32_on_cpu_without_native_bf16(monkeypatch):
+    import lorakit.devices as devices
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert pick_dtype("auto", "cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert pick_dtype("auto", "cuda") == torch.float16  # pre-Ampere GPUs
+    assert pick_dtype("float32", "cuda") == torch.float32
+    for fast, want in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert pick_dtype("auto", "cpu") == want
+        model = _tiny_llama()
+        quantize_model(model, QuantConfig(compute_dtype="auto"), progress=False)  # resolved on each layer's device
+        assert {m.compute_dtype for m in model.modules() if isinstance(m, NF4Linear)} == {want}
+
+
+def test_input_grad_under_autocast_with_fp32_compute_dtype():
+    """Autocast runs the forward matmul in bf16, so grad_y arrives in bf16; backward must still work."""
+    layer = NF4Linear.from_linear(_linear(64, 32), compute_dtype=torch.float32)
+    x = _randn(4, 64, seed=9, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    want = torch.ones(4, 32, dtype=torch.float64) @ layer.dequantize(torch.float64)
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad.double(), want, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("source", ["linear", "conv1d", "linear_nobias"])
+def test_dequantized_layer_gives_back_the_original_type(source):
+    torch.manual_seed(0)
+    original = Conv1D(nf=48, nx=64) if source == "conv1d" else nn.Linear(64, 48, bias=source == "linear")
+    layer = NF4Linear.from_linear(original)
+    delta = _randn(48, 64, seed=10) * 0.01  # (out, in), like a LoRA update
+    plain = layer.dequantized_layer(delta, dtype=torch.bfloat16)
+    assert type(plain) is type(original) and plain.weight.dtype == torch.bfloat16
+    assert not any(p.requires_grad for p in plain.parameters())
+    x = _randn(3, 64, seed=11)
+    want = x.double() @ (layer.dequantize(torch.float64) + delta.double()).T
+    if original.bias is not None:
+        want = want + original.bias.double()
+    torch.testing.assert_close(plain.float()(x).double(), want, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(layer.dequantized_layer()(x), layer(x), rtol=1e-6, atol=1e-6)  # fp32, no delta
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_quantization_equals_cpu_and_everything_stays_on_the_device():
+    linear = _linear(256, 192)
+    cpu = NF4Linear.from_linear(linear, compute_dtype=torch.float32)
+    gpu = NF4Linear.from_linear(linear.cuda(), compute_dtype=torch.bfloat16)  # quantized on the GPU
+    assert all(b.device.type == "cuda" for b in gpu.buffers())
+    assert torch.equal(gpu.packed.cpu(), cpu.packed)  # the same rounding on every device
+    # the offset is a mean, reduced in another order on the GPU: the last bit may differ, a code rarely
+    assert (gpu.qabsmax.cpu() != cpu.qabsmax).float().mean() < 0.01
+    torch.testing.assert_close(gpu.dequantize(torch.float32).cpu(), cpu.dequantize(), rtol=1e-2, atol=1e-6)
+    moved = NF4Linear.from_linear(_linear(256, 192)).cuda()  # quantized on the CPU, then moved
+    assert moved.absmax2.dtype == torch.float32 and torch.equal(moved.dequantize(torch.float32).cpu(), cpu.dequantize())
+    x = _randn(4, 256, seed=12, requires_grad=True)
+    xg = x.detach().cuda().requires_grad_(True)
+    y = gpu(xg)
+    y.sum().backward()
+    assert y.dtype == torch.float32 and y.device.type == "cuda" and xg.grad.device.type == "cuda"
+    torch.testing.assert_close(y.cpu(), cpu(x), rtol=0.02, atol=0.05)
+    merged = gpu.dequantized_layer(dtype=torch.bfloat16)
+    assert merged.weight.device.type == "cuda" and merged.weight.dtype == torch.bfloat16

@@ -9,7 +9,12 @@ autograd Function saves no tensor at all. Saving the dequantized Ŵ instead woul
 copy of every layer alive between forward and backward -- the memory 4 bits were meant to save. The
 price is a second dequantize per layer in backward (cheap next to the matmul).
 
-`quantize_model` swaps every nn.Linear / GPT-2 Conv1D of a model (heads excepted) for an NF4Linear.
+`quantize_model` swaps every nn.Linear / GPT-2 Conv1D of a model (heads excepted) for an NF4Linear;
+`NF4Linear.dequantized_layer` turns one back into a full-precision layer of the original type (merge, export).
+
+Device handling: every buffer (and the lookup tables of nf4.py, cached per device) lives on the device of
+the weight it was quantized from; `.to(device)` moves the buffers, and a dtype cast (`.to(torch.bfloat16)`)
+leaves the fp32 scales alone (see `_apply`). The compute dtype is fixed at construction.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         grad_x = grad_b = None
+        # Under autocast the forward matmul ran in the autocast dtype, so grad_y may be bf16 while Ŵ is
+        # in the compute dtype (and backward usually runs outside the autocast block): match them.
+        grad_y = grad_y.to(ctx.dtype)
         if ctx.needs_input_grad[0]:
             grad_x = grad_y @ dequantize_nf4(ctx.state, ctx.dtype)  # (..., out) @ (out, in) -> (..., in)
         if ctx.needs_input_grad[2]:
@@ -50,12 +58,16 @@ class NF4Linear(nn.Module):
 
     Buffers (so `state_dict`, `.to(device)` and `.cuda()` carry them): `packed` plus `absmax`, or
     with double quant `qabsmax`, `absmax2`, `offset`. Build one with `NF4Linear.from_linear`.
+    `conv1d` records that the weight came from a GPT-2 Conv1D, so that `dequantized_layer` gives one back.
     """
 
-    def __init__(self, state: NF4State, bias: torch.Tensor | None, compute_dtype: torch.dtype):
+    def __init__(
+        self, state: NF4State, bias: torch.Tensor | None, compute_dtype: torch.dtype, conv1d: bool = False
+    ):
         super().__init__()
         self.out_features, self.in_features = state.shape
         self.blocksize, self.blocksize2, self.compute_dtype = state.blocksize, state.blocksize2, compute_dtype
+        self.conv1d = conv1d
         for name, tensor in state.tensors().items():
             self.register_buffer(name, tensor)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -79,7 +91,7 @@ class NF4Linear(nn.Module):
         else:
             raise TypeError(f"NF4Linear.from_linear takes nn.Linear or Conv1D, got {type(layer).__name__}")
         state = quantize_nf4(weight, blocksize, double_quant)
-        return cls(state, layer.bias, compute_dtype or weight.dtype)
+        return cls(state, layer.bias, compute_dtype or weight.dtype, conv1d=isinstance(layer, Conv1D))
 
     def state(self) -> NF4State:
         tensors = {name: buf for name, buf in self.named_buffers(recurse=False)}
@@ -89,6 +101,29 @@ class NF4Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight Ŵ, (out, in), in `dtype` (default: the compute dtype)."""
         return dequantize_nf4(self.state(), dtype or self.compute_dtype)
+
+    def dequantized_layer(self, delta: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """A frozen full-precision nn.Linear (Conv1D if quantized from one) holding Ŵ + delta in `dtype`.
+
+        delta: (out, in) or None, added in fp32 before the one rounding to `dtype` (a LoRA merge)."""
+        from transformers.pytorch_utils import Conv1D
+
+        weight = self.dequantize(torch.float32)  # (out, in)
+        if delta is not None:
+            weight = weight + delta.to(device=weight.device, dtype=torch.float32)
+        with torch.device(weight.device):  # allocate on the weight's device, not on the CPU first
+            if self.conv1d:
+                layer = Conv1D(nf=self.out_features, nx=self.in_features).to(dtype)
+                weight = weight.T  # Conv1D stores (in, out)
+            else:
+                layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+            elif self.conv1d:
+                layer.bias.zero_()  # NOTE: Conv1D always has a bias; one quantized without bias gets zeros
+        return layer.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) any float dtype -> (..., out) in x's dtype; the matmul runs in compute_dtype."""
@@ -109,9 +144,10 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         dq = f", double_quant(blocksize2={self.blocksize2})" if hasattr(self, "qabsmax") else ""
+        conv = ", from Conv1D" if self.conv1d else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"nf4(blocksize={self.blocksize}){dq}, compute_dtype={self.compute_dtype}"
+            f"nf4(blocksize={self.blocksize}){dq}, compute_dtype={self.compute_dtype}{conv}"
         )
 
 

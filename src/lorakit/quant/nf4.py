@@ -23,6 +23,11 @@ Rounding follows bitsandbytes' CPU path exactly (tested bit for bit):
   g = trunc(((x + 1) · 0.5) · 65535 + 0.5), and reads LUT[g] = the code nearest to the grid value
   -1 + 2g/65535. The grid step 3e-5 is coarser than D near 0, so 7 codes (|D| <= 7.75e-6, 0
   included) are never chosen, and ~0.2% of absmax values get another code than the nearest one.
+
+NOTE: bnb's CUDA kernel picks the 8-bit code by a binary search for the nearest one instead, so bnb
+on a GPU differs from bnb on a CPU in those ~0.2% of scales (by one code). lorakit uses the CPU
+rounding on every device, so a base quantized on a GPU and on a CPU is the same up to the last bit
+of the mean offset (a reduction whose order differs between devices).
 """
 
 from __future__ import annotations

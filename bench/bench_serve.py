@@ -1,0 +1,359 @@
+"""Load test of `lorakit serve` on loopback: base + 4 adapters mixed, versus one merged model.
+
+    python bench/bench_serve.py --requests 200 --concurrency 16 --results bench/RESULTS.md
+
+What it does, all offline:
+1. Builds a small random Llama (byte-level BPE tokenizer from lorakit.demo) and 4 adapters of ranks
+   8/16/32/64 on different targets, with random (non-zero) B factors, plus a 5th adapter "hot" in the
+   adapter root; and the base with adapter a1 merged in (`export_merged`).
+2. Starts `python -m lorakit serve` as a subprocess for each case and drives it with the official
+   `openai` async client, `--concurrency` requests in flight, completions and chat mixed:
+     merged  every request to one merged model (no LoRA at all): the reference throughput
+     mixed   requests spread over base, a1..a4: one forward carries rows of several adapters
+     hot     as mixed, while a side task loads "hot", sends it requests, and unloads it while those
+             requests are still running -- in cycles, for the whole run
+   Every request asks for exactly --max-tokens tokens (`ignore_eos`, a vLLM extension), so the cases
+   generate the same work. Merged and mixed alternate `--repeats` times (the median is reported), so
+   a noisy neighbour on the machine hurts both alike.
+3. Reports errors, p50/p95 latency, requests/s, generated tokens/s, the mean rows per forward and the
+   most adapters seen in one forward (from /health), and mixed ÷ merged throughput; `--results`
+   writes them into the "## Server" section of a markdown file (other sections are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ADAPTERS = {"a1": (8, "attention"), "a2": (16, "all-linear"), "a3": (32, ["q_proj", "v_proj"]), "a4": (64, "all-linear"),
+            "hot": (16, "attention")}
+
+
+# --------------------------------------------------------------------------- models on disk
+
+
+def build_world(workdir: Path, args: argparse.Namespace) -> dict:
+    """Base, adapters (in an adapter root) and the merged model, saved under `workdir`."""
+    import transformers as tf
+
+    from lorakit.adapters import export_merged, load_lora_adapter, save_lora_adapter
+    from lorakit.config import LoraConfig
+    from lorakit.demo import build_tokenizer, pretraining_corpus
+    from lorakit.lora import inject_lora
+    from lorakit.models import load_model
+
+    tokenizer = build_tokenizer(pretraining_corpus(400, seed=1), vocab_size=512, max_len=1024)
+    eos = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 32 * 32,
+                            num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                            num_key_value_heads=max(args.hidden // 128, 1), max_position_embeddings=1024,
+                            eos_token_id=eos, pad_token_id=eos, bos_token_id=None)
+    base = workdir / "base"
+    tf.LlamaForCausalLM(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    root = workdir / "adapters"
+    for seed, (name, (rank, targets)) in enumerate(ADAPTERS.items()):
+        model = load_model(str(base))
+        inject_lora(model, LoraConfig(r=rank, alpha=rank, target_modules=targets))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # as after training: B is no longer zero, so every adapter answers differently
+            for pname, param in model.named_parameters():
+                if "lora_B" in pname:
+                    param.copy_(torch.randn(param.shape, generator=g) * 0.02)
+        save_lora_adapter(model, root / name)
+    merged = load_model(str(base))
+    load_lora_adapter(merged, root / "a1")
+    export_merged(merged, workdir / "merged", tokenizer)
+    prompts = [text[: 40 + (i * 37) % 160] for i, text in enumerate(pretraining_corpus(64, seed=7))]
+    return {"base": str(base), "root": root, "merged": str(workdir / "merged"), "prompts": prompts}
+
+
+# --------------------------------------------------------------------------- the server process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(base: str, adapters: dict[str, Path], root: Path, args: argparse.Namespace, log: Path):
+    port = free_port()
+    cmd = [sys.executable, "-m", "lorakit", "serve", "--base", base, "--port", str(port), "--max-batch",
+           str(args.max_batch), "--device", "cpu", "--dtype", "float32", "--adapter-root", str(root)]
+    for name, path in adapters.items():
+        cmd += ["--adapter", f"{name}={path}"]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}; see {log}:\n{log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"the server did not answer /health within 300 s; see {log}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# --------------------------------------------------------------------------- the load
+
+
+@dataclass
+class Result:
+    case: str
+    latencies: list[float] = field(default_factory=list)
+    tokens: int = 0
+    errors: list[str] = field(default_factory=list)
+    wall: float = 0.0
+    hot_cycles: int = 0
+    hot_requests: int = 0
+    stats: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        lat = sorted(self.latencies)
+        return {"case": self.case, "requests": len(lat) + len(self.errors), "errors": len(self.errors),
+                "p50_s": percentile(lat, 50), "p95_s": percentile(lat, 95), "req_per_s": len(lat) / self.wall,
+                "tok_per_s": self.tokens / self.wall, "wall_s": self.wall,
+                "rows_per_forward": self.stats.get("rows_forwarded", 0) / max(self.stats.get("forwards", 1), 1),
+                "max_adapters_per_forward": self.stats.get("max_adapters_per_forward", 0)}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    k = (len(values) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+async def one_request(client, model: str, i: int, prompts: list[str], max_tokens: int) -> int:
+    """One completion (3 in 4) or chat (1 in 4) request; returns the tokens generated."""
+    prompt = prompts[i % len(prompts)]
+    extra = {"ignore_eos": True}
+    if i % 4 == 3:
+        out = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                   max_tokens=max_tokens, temperature=0, extra_body=extra)
+    else:
+        out = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                              extra_body=extra)
+    return out.usage.completion_tokens
+
+
+async def hot_request(client, i: int, prompts: list[str], max_tokens: int, started: asyncio.Event) -> int:
+    """A streamed request to "hot"; `started` is set at its first chunk (it is then running on the server)."""
+    tokens = 0
+    try:
+        stream = await client.completions.create(model="hot", prompt=prompts[i % len(prompts)], max_tokens=max_tokens,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            started.set()
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+    finally:
+        started.set()
+    return tokens
+
+
+async def timed(sem: asyncio.Semaphore | None, result: Result, coro_factory) -> None:
+    async with sem if sem is not None else contextlib.nullcontext():
+        start = time.perf_counter()
+        try:
+            tokens = await coro_factory()  # (not `result.tokens += await ...`: that reads the total before awaiting)
+            result.tokens += tokens
+            result.latencies.append(time.perf_counter() - start)
+        except Exception as e:  # noqa: BLE001 - every failure is counted and reported
+            result.errors.append(f"{type(e).__name__}: {e}")
+
+
+async def hot_cycles(url: str, client, http, result: Result, done: asyncio.Event, args, prompts) -> None:
+    """Load "hot", send it 4 streamed requests (beyond --concurrency), unload it as soon as all 4 are
+    running (they must still finish), repeat until the main load is done."""
+    i = 0
+    while not done.is_set():
+        r = await http.post(url + "/v1/load_lora_adapter", json={"lora_name": "hot", "lora_path": "hot"})
+        if r.status_code != 200:
+            result.errors.append(f"load hot: {r.status_code} {r.text}")
+            return
+        started = [asyncio.Event() for _ in range(4)]
+        tasks = [asyncio.create_task(timed(None, result, lambda k=i + j, ev=ev: hot_request(client, k, prompts,
+                                                                                             args.max_tokens, ev)))
+                 for j, ev in enumerate(started)]
+        i += 4
+        result.hot_requests += 4
+        await asyncio.gather(*(ev.wait() for ev in started))
+        r = await http.post(url + "/v1/unload_lora_adapter", json={"lora_name": "hot"})
+        if r.status_code != 200:
+            result.errors.append(f"unload hot: {r.status_code} {r.text}")
+        await asyncio.gather(*tasks)
+        result.hot_cycles += 1
+
+
+async def drive(url: str, case: str, models: list[str], args: argparse.Namespace, prompts: list[str],
+                requests: int, hot: bool = False) -> Result:
+    import httpx
+    from openai import AsyncOpenAI
+
+    result, sem, done = Result(case), asyncio.Semaphore(args.concurrency), asyncio.Event()
+    limits = httpx.Limits(max_connections=args.concurrency + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600,
+                             http_client=httpx.AsyncClient(timeout=600, limits=limits))
+        before = (await http.get(url + "/health")).json()["stats"]
+        side = asyncio.create_task(hot_cycles(url, client, http, result, done, args, prompts)) if hot else None
+        start = time.perf_counter()
+        await asyncio.gather(*(timed(sem, result, lambda i=i: one_request(client, models[i % len(models)], i, prompts,
+                                                                          args.max_tokens))
+                               for i in range(requests)))
+        result.wall = time.perf_counter() - start
+        done.set()
+        if side is not None:
+            await side
+        after = (await http.get(url + "/health")).json()["stats"]
+        result.stats = {**after, **{k: after[k] - before[k] for k in ("forwards", "rows_forwarded", "tokens")}}
+        await client.close()
+    return result
+
+
+def run_case(world: dict, case: str, args: argparse.Namespace, workdir: Path) -> Result:
+    adapters = {} if case == "merged" else {n: world["root"] / n for n in ("a1", "a2", "a3", "a4")}
+    base = world["merged"] if case == "merged" else world["base"]
+    proc, url = start_server(base, adapters, world["root"], args, workdir / f"server-{case}.log")
+    try:
+        models = [base] if case == "merged" else [world["base"], "a1", "a2", "a3", "a4"]
+        asyncio.run(drive(url, case, models, args, world["prompts"], requests=args.concurrency))  # warm-up
+        result = asyncio.run(drive(url, case, models, args, world["prompts"], args.requests, hot=case == "hot"))
+    finally:
+        stop_server(proc)
+    row = result.row()
+    print(f"{case:7s} errors={row['errors']} p50={row['p50_s']:.2f}s p95={row['p95_s']:.2f}s "
+          f"{row['req_per_s']:.2f} req/s {row['tok_per_s']:.0f} tok/s rows/forward={row['rows_per_forward']:.1f} "
+          f"max adapters/forward={row['max_adapters_per_forward']}" +
+          (f" hot cycles={result.hot_cycles} hot requests={result.hot_requests}" if case == "hot" else ""), flush=True)
+    for error in result.errors[:5]:
+        print("  error:", error, flush=True)
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def median_row(results: list[Result]) -> dict:
+    rows = sorted((r.row() for r in results), key=lambda r: r["tok_per_s"])
+    row = dict(rows[len(rows) // 2])
+    row["errors"] = sum(r["errors"] for r in rows)
+    return row
+
+
+def markdown(rows: dict[str, dict], hot: Result, args: argparse.Namespace, command: str, load: str) -> str:
+    ratio = rows["mixed"]["tok_per_s"] / rows["merged"]["tok_per_s"]
+    lines = [
+        "## Server", "",
+        "`lorakit serve` on loopback, driven by the official `openai` async client "
+        f"({args.requests} requests, {args.concurrency} in flight, {args.max_tokens} generated tokens each, "
+        "greedy, 3 in 4 completions and 1 in 4 chat).", "",
+        f"Command: `{command}`", "",
+        f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+        f"fp32; load average when it started: {load}. Model: random Llama, hidden {args.hidden}, {args.layers} layers, "
+        "vocab 512; adapters a1..a4 of ranks 8/16/32/64 on attention / all-linear / q,v / all-linear; "
+        f"server --max-batch {args.max_batch}. Median of {args.repeats} alternating runs for merged and mixed.", "",
+        "| case | requests | errors | p50 latency | p95 latency | requests/s | tokens/s | rows per forward | most adapters in one forward |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for case in ("merged", "mixed", "hot"):
+        r = rows[case]
+        lines.append(f"| {case} | {r['requests']} | {r['errors']} | {r['p50_s']:.2f} s | {r['p95_s']:.2f} s | "
+                     f"{r['req_per_s']:.2f} | {r['tok_per_s']:.0f} | {r['rows_per_forward']:.1f} | "
+                     f"{r['max_adapters_per_forward']} |")
+    lines += [
+        "",
+        "- **merged**: adapter a1 merged into the base, every request to that one model (no LoRA in the forward).",
+        "- **mixed**: base + a1..a4 in turn; rows of different adapters share each forward (per-row adapters, "
+        "no swapping, no merging).",
+        f"- **hot**: as mixed, plus {hot.hot_cycles} cycles of load \"hot\" → 4 streamed requests to it (beyond the "
+        f"{args.concurrency} in flight) → unload as soon as all 4 are running → they finish "
+        f"({hot.hot_requests} extra requests, counted in the row); zero errors means neither the loads nor the "
+        "unloads disturbed a request.",
+        f"- Mixed-adapter throughput ÷ merged: **{ratio:.2f}×** (goal ≥ 0.7×).", "",
+    ]
+    return "\n".join(lines)
+
+
+def upsert_section(path: Path, section: str) -> None:
+    """Replace the "## Server" section of `path` (up to the next "## " heading), or append it."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "## Server"), None)
+    if start is None:
+        path.write_text(text.rstrip("\n") + "\n\n" + section)
+        return
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    rest = "\n".join(lines[end:])
+    path.write_text("\n".join(lines[:start]) + ("\n" if start else "") + section + ("\n" + rest + "\n" if rest else ""))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=1, help="alternating merged/mixed runs (median reported)")
+    parser.add_argument("--results", type=Path, help="markdown file whose '## Server' section to write")
+    parser.add_argument("--json", type=Path, help="also write the raw numbers here")
+    args = parser.parse_args()
+    command = "python bench/bench_serve.py " + shlex.join(sys.argv[1:])
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    with tempfile.TemporaryDirectory(prefix="lorakit-bench-serve-") as tmp:
+        workdir = Path(tmp)
+        world = build_world(workdir, args)
+        runs: dict[str, list[Result]] = {"merged": [], "mixed": []}
+        for _ in range(args.repeats):
+            for case in ("merged", "mixed"):
+                runs[case].append(run_case(world, case, args, workdir))
+        hot = run_case(world, "hot", args, workdir)
+    rows = {"merged": median_row(runs["merged"]), "mixed": median_row(runs["mixed"]), "hot": hot.row()}
+    section = markdown(rows, hot, args, command, load)
+    print("\n" + section)
+    if args.results:
+        upsert_section(args.results, section)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "hot_cycles": hot.hot_cycles, "errors": hot.errors}, indent=2))
+    failed = sum(r["errors"] for r in rows.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
