@@ -1,6 +1,6 @@
 """Load test of `lorakit serve` on loopback: base + 4 adapters mixed, versus one merged model.
 
-    python bench/bench_serve.py --requests 200 --concurrency 16 --results bench/RESULTS.md
+    python bench/bench_serve.py --requests 200 --concurrency 16 --sizes 1024x4,512x6 --threads 1 --repeats 3 --results bench/RESULTS.md
 
 What it does, all offline:
 1. Builds a small random Llama (byte-level BPE tokenizer from lorakit.demo) and 4 adapters of ranks
@@ -46,7 +46,7 @@ ADAPTERS = {"a1": (8, "attention"), "a2": (16, "all-linear"), "a3": (32, ["q_pro
 # --------------------------------------------------------------------------- models on disk
 
 
-def build_world(workdir: Path, args: argparse.Namespace) -> dict:
+def build_world(workdir: Path, hidden: int, layers: int) -> dict:
     """Base, adapters (in an adapter root) and the merged model, saved under `workdir`."""
     import transformers as tf
 
@@ -59,9 +59,9 @@ def build_world(workdir: Path, args: argparse.Namespace) -> dict:
     tokenizer = build_tokenizer(pretraining_corpus(400, seed=1), vocab_size=512, max_len=1024)
     eos = tokenizer.eos_token_id
     torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 32 * 32,
-                            num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                            num_key_value_heads=max(args.hidden // 128, 1), max_position_embeddings=1024,
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 32 * 32,
+                            num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                            num_key_value_heads=max(hidden // 128, 1), max_position_embeddings=1024,
                             eos_token_id=eos, pad_token_id=eos, bos_token_id=None)
     base = workdir / "base"
     tf.LlamaForCausalLM(config).save_pretrained(base)
@@ -98,7 +98,8 @@ def start_server(base: str, adapters: dict[str, Path], root: Path, args: argpars
            str(args.max_batch), "--device", "cpu", "--dtype", "float32", "--adapter-root", str(root)]
     for name, path in adapters.items():
         cmd += ["--adapter", f"{name}={path}"]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     import httpx
 
@@ -275,8 +276,8 @@ def median_row(results: list[Result]) -> dict:
     return row
 
 
-def markdown(rows: dict[str, dict], hot: Result, args: argparse.Namespace, command: str, load: str) -> str:
-    ratio = rows["mixed"]["tok_per_s"] / rows["merged"]["tok_per_s"]
+def markdown(sizes: list[tuple[str, dict[str, dict], Result]], args: argparse.Namespace, command: str, load: str) -> str:
+    threads = f"{args.threads} thread(s) per server" if args.threads else "torch's default threads"
     lines = [
         "## Server", "",
         "`lorakit serve` on loopback, driven by the official `openai` async client "
@@ -284,17 +285,22 @@ def markdown(rows: dict[str, dict], hot: Result, args: argparse.Namespace, comma
         "greedy, 3 in 4 completions and 1 in 4 chat).", "",
         f"Command: `{command}`", "",
         f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-        f"fp32; load average when it started: {load}. Model: random Llama, hidden {args.hidden}, {args.layers} layers, "
-        "vocab 512; adapters a1..a4 of ranks 8/16/32/64 on attention / all-linear / q,v / all-linear; "
-        f"server --max-batch {args.max_batch}. Median of {args.repeats} alternating runs for merged and mixed.", "",
-        "| case | requests | errors | p50 latency | p95 latency | requests/s | tokens/s | rows per forward | most adapters in one forward |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"fp32, {threads}; load average (1/5/15 min) when it started: {load}. Models: random Llamas "
+        "(vocab 512); adapters a1..a4 of ranks 8/16/32/64 on attention / all-linear / q,v / all-linear; "
+        f"server --max-batch {args.max_batch}. Merged and mixed alternate {args.repeats}× per model; "
+        "the median run (by tokens/s) is shown.", "",
+        "| model | case | requests | errors | p50 latency | p95 latency | requests/s | tokens/s | rows per forward "
+        "| most adapters in one forward | mixed ÷ merged |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for case in ("merged", "mixed", "hot"):
-        r = rows[case]
-        lines.append(f"| {case} | {r['requests']} | {r['errors']} | {r['p50_s']:.2f} s | {r['p95_s']:.2f} s | "
-                     f"{r['req_per_s']:.2f} | {r['tok_per_s']:.0f} | {r['rows_per_forward']:.1f} | "
-                     f"{r['max_adapters_per_forward']} |")
+    for label, rows, _ in sizes:
+        ratio = rows["mixed"]["tok_per_s"] / rows["merged"]["tok_per_s"]
+        for case in ("merged", "mixed", "hot"):
+            r = rows[case]
+            lines.append(f"| {label} | {case} | {r['requests']} | {r['errors']} | {r['p50_s']:.2f} s | {r['p95_s']:.2f} s | "
+                         f"{r['req_per_s']:.2f} | {r['tok_per_s']:.0f} | {r['rows_per_forward']:.1f} | "
+                         f"{r['max_adapters_per_forward']} | {f'**{ratio:.2f}×**' if case == 'mixed' else ''} |")
+    hot = sizes[0][2]
     lines += [
         "",
         "- **merged**: adapter a1 merged into the base, every request to that one model (no LoRA in the forward).",
@@ -304,7 +310,7 @@ def markdown(rows: dict[str, dict], hot: Result, args: argparse.Namespace, comma
         f"{args.concurrency} in flight) → unload as soon as all 4 are running → they finish "
         f"({hot.hot_requests} extra requests, counted in the row); zero errors means neither the loads nor the "
         "unloads disturbed a request.",
-        f"- Mixed-adapter throughput ÷ merged: **{ratio:.2f}×** (goal ≥ 0.7×).", "",
+        "- mixed ÷ merged is the throughput of mixed-adapter batches relative to the merged model (goal ≥ 0.7×).", "",
     ]
     return "\n".join(lines)
 
@@ -328,30 +334,36 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--sizes", default="1024x4", help="model sizes HIDDENxLAYERS, comma-separated")
+    parser.add_argument("--threads", type=int, default=0, help="OMP threads per server (0 = torch's default)")
     parser.add_argument("--repeats", type=int, default=1, help="alternating merged/mixed runs (median reported)")
     parser.add_argument("--results", type=Path, help="markdown file whose '## Server' section to write")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
     command = "python bench/bench_serve.py " + shlex.join(sys.argv[1:])
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    with tempfile.TemporaryDirectory(prefix="lorakit-bench-serve-") as tmp:
-        workdir = Path(tmp)
-        world = build_world(workdir, args)
-        runs: dict[str, list[Result]] = {"merged": [], "mixed": []}
-        for _ in range(args.repeats):
-            for case in ("merged", "mixed"):
-                runs[case].append(run_case(world, case, args, workdir))
-        hot = run_case(world, "hot", args, workdir)
-    rows = {"merged": median_row(runs["merged"]), "mixed": median_row(runs["mixed"]), "hot": hot.row()}
-    section = markdown(rows, hot, args, command, load)
+    sizes = []
+    for size in args.sizes.split(","):
+        hidden, layers = (int(v) for v in size.lower().split("x"))
+        print(f"-- hidden {hidden}, {layers} layers", flush=True)
+        with tempfile.TemporaryDirectory(prefix="lorakit-bench-serve-") as tmp:
+            workdir = Path(tmp)
+            world = build_world(workdir, hidden, layers)
+            runs: dict[str, list[Result]] = {"merged": [], "mixed": []}
+            for _ in range(args.repeats):
+                for case in ("merged", "mixed"):
+                    runs[case].append(run_case(world, case, args, workdir))
+            hot = run_case(world, "hot", args, workdir)
+        rows = {"merged": median_row(runs["merged"]), "mixed": median_row(runs["mixed"]), "hot": hot.row()}
+        sizes.append((f"h{hidden}×{layers}", rows, hot))
+    section = markdown(sizes, args, command, load)
     print("\n" + section)
     if args.results:
         upsert_section(args.results, section)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "hot_cycles": hot.hot_cycles, "errors": hot.errors}, indent=2))
-    failed = sum(r["errors"] for r in rows.values())
+        args.json.write_text(json.dumps([{"model": label, "rows": rows, "hot_cycles": hot.hot_cycles,
+                                          "errors": hot.errors} for label, rows, hot in sizes], indent=2))
+    failed = sum(r["errors"] for _, rows, _ in sizes for r in rows.values())
     return 1 if failed else 0
 
 

@@ -1,223 +1,190 @@
-"""Training throughput and peak memory: lorakit versus transformers + PEFT (+ bitsandbytes), side by side.
+"""Training throughput and memory, generation and quantization: lorakit versus transformers + PEFT (+ bitsandbytes).
 
-Each measurement runs in a fresh subprocess (peak RSS is per process), the two stacks alternate
-within one invocation, and every figure is quoted as a ratio against the other stack measured in
-the same run, and as a fraction of this machine's measured fp32 matmul ceiling.
+    python bench/bench_train.py --model 100m --repeats 2 --json bench/results/train-100m-1.json
+    python bench/bench_train.py --render bench/results/train-100m-1.json bench/results/train-100m-2.json \\
+        --results bench/RESULTS.md
+    python bench/bench_train.py --model small --repeats 2          # 21M Llama, a quick run
 
-    python bench/bench_train.py --model small --repeats 2          # 21M Llama, quick
-    python bench/bench_train.py --model 100m --repeats 2           # the issue's ~100M config
+Every measurement runs in a fresh process (bench/workers.py), and in each repetition lorakit and the
+reference stack run back to back in alternating order, so that a noisy neighbour hurts both alike;
+ratios are taken within a repetition. The fp32 matmul ceiling (plain torch.mm on the training's own
+shapes) is measured at the start of every repetition. The 1-minute load average is recorded with
+every measurement.
 
-FLOPs per trained token (N = parameters in the linear layers incl. lm_head, frozen or not):
-forward 2N, input-gradient backward 2N, weight-gradient 2N only for trained weights (full FT),
-+ 2N recompute under gradient checkpointing; attention score/value matmuls add 4·T·d per layer
-forward and twice that backward. LoRA's own matmuls are counted too (tiny at r=16).
+FLOPs per trained token (the matmuls actually run; N = weights of the linear layers and the LM head):
+
+    forward              2N + attention (QKᵀ and AV: 4·d·(T+1)/2 per layer, causal)
+    input-gradient       2N + 2× attention; for LoRA the first layer's q,k,v,gate,up skip it (their
+                         input comes from the frozen embedding, so no gradient is asked of it)
+    weight-gradient      2N, full fine-tuning only
+    LoRA factors         6·r·(in + out) per adapted layer (forward, input- and weight-gradients)
+    recompute (GC)       the decoder layers' forward again (the head is not checkpointed)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
+import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+HERE = Path(__file__).resolve().parent
 MODELS = {
     "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=8, vocab_size=8000),
     "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                  num_key_value_heads=12, vocab_size=32000),
 }
+STACKS = ("lorakit", "peft")
+SECTION = "## Training throughput and memory (CPU)"
 
 
-# --------------------------------------------------------------------------- worker (one measurement)
+# --------------------------------------------------------------------------- model on disk
 
 
-def build_model(name: str):
-    import torch
+def save_model(name: str, directory: Path) -> Path:
+    """A random-init Llama (fp32, untied head) + a small tokenizer, as a local model directory."""
     import transformers as tf
 
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(**MODELS[name], max_position_embeddings=1024, tie_word_embeddings=False)
-    return tf.LlamaForCausalLM(config).float()
-
-
-def prepare(stack: str, method: str, model, rank: int):
-    """Apply `method` with `stack`; returns the model to train."""
-    import torch
-
-    if stack == "lorakit":
-        from lorakit import LoraConfig, QuantConfig, inject_lora, quantize_model
-
-        if method == "full":
-            return model.requires_grad_(True)
-        if method == "qlora":
-            quantize_model(model, QuantConfig(), compute_dtype=torch.float32, progress=False)
-        inject_lora(model, LoraConfig(r=rank, alpha=2 * rank, dropout=0.0, target_modules="all-linear"))
-        return model
-    import peft
-
-    if method == "full":
-        return model.requires_grad_(True)
-    if method == "qlora":
-        _bnb_quantize(model)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets))
-
-
-def _bnb_quantize(model) -> None:
-    """Swap linear layers (not lm_head) for bitsandbytes Linear4bit, NF4 + double quant, fp32 compute."""
-    import bitsandbytes as bnb
-    import torch
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
-            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
-            q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True)
-            q.weight = q.weight._quantize("cpu") if hasattr(q.weight, "_quantize") else q.weight
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, q)
-    model.requires_grad_(False)
-
-
-def worker(args) -> dict:
-    import torch
+    from lorakit.demo import build_tokenizer, pretraining_corpus
 
     torch.manual_seed(0)
-    model = prepare(args.stack, args.method, build_model(args.model), args.rank)
-    if args.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, MODELS[args.model]["vocab_size"], (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
-    times = []
-    for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    step_s = sorted(times)[len(times) // 2]
-    return {
-        "stack": args.stack, "method": args.method, "checkpointing": args.checkpointing, "model": args.model,
-        "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "flops_per_token": flops_per_token(model_shapes(args.model), args.seq, args.method, args.checkpointing, args.rank),
-        "trainable": sum(p.numel() for p in params), "loss": float(loss),
-    }
+    config = tf.LlamaConfig(**MODELS[name], max_position_embeddings=1024, tie_word_embeddings=False,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    tf.LlamaForCausalLM(config).save_pretrained(directory)
+    build_tokenizer(pretraining_corpus(50, seed=1), vocab_size=300).save_pretrained(directory)
+    return directory
 
 
-# --------------------------------------------------------------------------- flops and ceiling
+# --------------------------------------------------------------------------- FLOPs
 
 
-def model_shapes(name: str) -> dict:
-    return MODELS[name]
-
-
-def flops_per_token(m: dict, seq: int, method: str, checkpointing: bool, rank: int) -> float:
+def flops_per_token(m: dict, seq: int, method: str, gc: bool, rank: int) -> float:
     d, i, layers, v = m["hidden_size"], m["intermediate_size"], m["num_hidden_layers"], m["vocab_size"]
     kv = d * m["num_key_value_heads"] // m["num_attention_heads"]
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * i  # q,o + k,v + gate,up,down
-    n_linear = layers * per_layer + d * v  # + lm_head
-    attn = layers * 4 * seq * d / 2  # causal: half the score/value matmul work on average
-    forward = 2 * n_linear + attn
-    backward_input = 2 * n_linear + 2 * attn
-    weight_grad = 2 * n_linear if method == "full" else 0.0
-    lora = 0.0 if method == "full" else layers * 6 * rank * (4 * d + 2 * kv + 2 * i + i + d) / 1  # fwd+bwd of A,B
-    recompute = forward if checkpointing else 0.0
+    shapes = [(d, d), (d, kv), (d, kv), (d, d), (d, i), (d, i), (i, d)]  # (in, out): q k v o gate up down
+    layer = sum(a * b for a, b in shapes)
+    attn = 4 * d * (seq + 1) / 2  # QKᵀ + AV, each 2·d per key, (T+1)/2 keys on average
+    forward_layers = layers * (2 * layer + attn)
+    forward = forward_layers + 2 * d * v
+    backward_input = layers * (2 * layer + 2 * attn) + 2 * d * v
+    weight_grad, lora, recompute = 0.0, 0.0, forward_layers if gc else 0.0
+    if method == "full":
+        weight_grad = 2 * (layers * layer + d * v)
+    else:
+        skipped = [(a, b) for (a, b), name in zip(shapes, "qkvogud", strict=True) if name in "qkvgu"]
+        backward_input -= 2 * sum(a * b for a, b in skipped)  # layer 0: input from the frozen embedding
+        lora = layers * 6 * rank * sum(a + b for a, b in shapes)
+        recompute += layers * 2 * rank * sum(a + b for a, b in shapes) if gc else 0.0
     return forward + backward_input + weight_grad + lora + recompute
-
-
-def matmul_ceiling(seconds: float = 3.0) -> float:
-    """Best sustained fp32 GEMM rate (FLOP/s) on shapes like the training matmuls."""
-    import torch
-
-    best = 0.0
-    for m, k, n in ((1024, 768, 2048), (1024, 2048, 768), (1024, 768, 768), (1024, 512, 1376)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        a @ b
-        reps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 4:
-            a @ b
-            reps += 1
-        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - start))
-    return best
 
 
 # --------------------------------------------------------------------------- driver
 
 
-def run_one(model: str, stack: str, method: str, checkpointing: bool, a) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--model", model, "--stack", stack, "--method", method,
-           "--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--rank", str(a.rank)] + (["--checkpointing"] if checkpointing else [])
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        return {"stack": stack, "method": method, "checkpointing": checkpointing, "error": out.stderr[-2000:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def run_worker(spec: dict) -> dict:
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    out = subprocess.run([sys.executable, str(HERE / "workers.py"), json.dumps(spec)], capture_output=True, text=True,
+                         env=env)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    result = json.loads(lines[-1][len("RESULT "):]) if out.returncode == 0 and lines else {"error": out.stderr[-3000:]}
+    return {**{k: spec[k] for k in ("kind", "stack", "method", "gc", "merged") if k in spec}, **result}
+
+
+def plan(args: argparse.Namespace) -> list[dict]:
+    """(kind, settings) of one repetition, before the stacks are put in alternating order."""
+    items = []
+    for entry in args.configs.split(","):
+        method, _, gc = entry.partition("+")
+        items.append({"kind": "train", "method": method, "gc": gc == "gc"})
+    if args.generate:
+        items += [{"kind": "generate", "merged": merged} for merged in (False, True)]
+    if args.quantize:
+        items.append({"kind": "quantize"})
+    return items
+
+
+def run(args: argparse.Namespace) -> dict:
+    m = MODELS[args.model]
+    base = {"batch": args.batch, "seq": args.seq, "vocab": m["vocab_size"], "hidden": m["hidden_size"],
+            "intermediate": m["intermediate_size"], "steps": args.steps, "warmup": args.warmup,
+            "gen_batch": args.gen_batch, "prompt": args.prompt, "new_tokens": args.new_tokens, "ceiling_s": 1.0}
+    results, started = [], time.time()
+    with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
+        base["model_dir"] = str(save_model(args.model, Path(tmp) / args.model))
+        for repeat in range(args.repeats):
+            r = run_worker({**base, "kind": "ceiling", "stack": "torch"})
+            log(r, repeat)
+            results.append({**r, "repeat": repeat})
+            for item in plan(args):
+                order = STACKS if repeat % 2 == 0 else STACKS[::-1]
+                for stack in order:
+                    r = {**run_worker({**base, **item, "stack": stack}), "repeat": repeat}
+                    log(r, repeat)
+                    results.append(r)
+    return {"model": args.model, "config": m, "args": vars(args), "command": command_line(), "machine": machine(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+            "wall_s": time.time() - started, "results": results}
+
+
+def log(r: dict, repeat: int) -> None:
+    what = {k: r[k] for k in ("kind", "stack", "method", "gc", "merged") if k in r}
+    figures = {k: r[k] for k in ("tokens_per_s", "step_s", "forward_s", "peak_rss", "kernel_s", "end_to_end_s",
+                                 "flops", "load_1min", "error") if k in r}
+    print(f"[rep {repeat}] {json.dumps(what)} {json.dumps(figures)}", file=sys.stderr, flush=True)
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads, fp32"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--stack", default="lorakit")
-    p.add_argument("--method", default="lora")
-    p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--model", default="small", choices=sorted(MODELS))
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--configs", default="lora,lora+gc,qlora,full", help="comma list of method[+gc]")
-    p.add_argument("--out", type=Path, default=None, help="write the JSON results here")
-    a = p.parse_args()
-    if a.worker:
-        print(json.dumps(worker(a)))
-        return
-    ceiling = matmul_ceiling()
-    print(f"# fp32 matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s  ({platform.processor() or platform.machine()})", flush=True)
-    results = []
-    for repeat in range(a.repeats):
-        for entry in a.configs.split(","):
-            method, _, gc = entry.partition("+")
-            for stack in (("lorakit", "peft") if repeat % 2 == 0 else ("peft", "lorakit")):
-                r = run_one(a.model, stack, method, gc == "gc", a)
-                r["repeat"] = repeat
-                results.append(r)
-                print(json.dumps(r), flush=True)
-    print(render(results, ceiling, a))
-    if a.out:
-        a.out.write_text(json.dumps({"ceiling_flops": ceiling, "results": results}, indent=2))
+    p.add_argument("--batch", type=int, default=4, help="micro-batch rows")
+    p.add_argument("--seq", type=int, default=256, help="tokens per row")
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per measurement (median taken)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=2, help="repetitions, stacks alternating in order")
+    p.add_argument("--configs", default="lora,lora+gc,qlora,full", help="comma list of lora|qlora|full[+gc]")
+    p.add_argument("--generate", action=argparse.BooleanOptionalAction, default=True, help="merged vs unmerged decode")
+    p.add_argument("--gen-batch", type=int, default=4)
+    p.add_argument("--prompt", type=int, default=64, help="prompt tokens per row")
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=True, help="whole-model NF4 time")
+    p.add_argument("--json", type=Path, help="write the raw results here")
+    p.add_argument("--render", type=Path, nargs="+", help="render these JSON runs instead of measuring")
+    p.add_argument("--results", type=Path, help=f"markdown file whose '{SECTION}' section to write")
+    args = p.parse_args()
+    sys.path.insert(0, str(HERE))
+    from report import render, upsert_section
 
-
-def render(results: list[dict], ceiling: float, a) -> str:
-    lines = [f"| config | stack | tokens/s | ratio vs PEFT | peak RSS GiB | RSS vs PEFT | % of fp32 ceiling |",
-             "|---|---|---|---|---|---|---|"]
-    for entry in a.configs.split(","):
-        method, _, gc = entry.partition("+")
-        rows = {s: [r for r in results if r.get("method") == method and r.get("checkpointing") == (gc == "gc")
-                    and r["stack"] == s and "error" not in r] for s in ("lorakit", "peft")}
-        best = {s: max(rs, key=lambda r: r["tokens_per_s"]) if rs else None for s, rs in rows.items()}
-        for stack in ("lorakit", "peft"):
-            r, ref = best[stack], best["peft"]
-            if r is None:
-                lines.append(f"| {entry} | {stack} | failed | | | | |")
-                continue
-            frac = r["tokens_per_s"] * r["flops_per_token"] / ceiling
-            ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref else float("nan")
-            mem = r["peak_rss_bytes"] / ref["peak_rss_bytes"] if ref else float("nan")
-            lines.append(f"| {entry} | {stack} | {r['tokens_per_s']:.0f} | {ratio:.2f}x | {r['peak_rss_bytes'] / 2**30:.2f} "
-                         f"| {mem:.2f}x | {100 * frac:.0f}% |")
-    return "\n".join(lines)
+    runs = [json.loads(path.read_text()) for path in args.render] if args.render else [run(args)]
+    if args.json and not args.render:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(runs[0], indent=1))
+    section = render(runs, flops_per_token)
+    print(section)
+    if args.results:
+        upsert_section(args.results, SECTION, section)
 
 
 if __name__ == "__main__":

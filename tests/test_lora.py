@@ -486,3 +486,76 @@ def test_zero_B_is_identical_to_quantized_base(kind):
     before = logits(model, ids)
     inject_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
     assert torch.equal(logits(model, ids), before)
+
+
+# --------------------------------------------------------------------------- the fused single-adapter path
+
+
+def _fused_layer(base_kind: str, inp: int = 20, out: int = 24) -> LoraLinear:
+    torch.manual_seed(0)
+    if base_kind == "conv1d":
+        base = Conv1D(nf=out, nx=inp)
+        nn.init.normal_(base.bias)
+    else:
+        base = nn.Linear(inp, out, bias=base_kind != "linear_nobias")
+    if base_kind == "nf4":
+        base = NF4Linear.from_linear(base)
+    layer = LoraLinear(base.requires_grad_(False))
+    layer.add_adapter("default", LoraConfig(r=4, alpha=8, dropout=0.0))
+    nn.init.normal_(layer.lora_B["default"].weight)
+    return layer
+
+
+def _base_weight64(layer: LoraLinear) -> tuple[torch.Tensor, torch.Tensor | float]:
+    base = layer.base_layer
+    if isinstance(base, NF4Linear):
+        w = base.dequantize(torch.float64)
+    else:
+        w = base.weight.double().T if isinstance(base, Conv1D) else base.weight.double()  # (out, in)
+    return w, 0.0 if base.bias is None else base.bias.double()
+
+
+@pytest.mark.parametrize("base_kind", ["linear", "linear_nobias", "conv1d", "nf4"])
+def test_fused_forward_and_gradients_equal_float64(base_kind):
+    layer = _fused_layer(base_kind)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(3, 5, 20, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    g = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(2))
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "_LoraMatmulBackward"  # the fused path ran
+    (y * g).sum().backward()
+
+    w, b = _base_weight64(layer)
+    x64, A64, B64 = (t.detach().double().requires_grad_(True) for t in (x, A, B))
+    want = x64 @ w.T + b + 2.0 * (x64 @ A64.T @ B64.T)
+    (want * g.double()).sum().backward()
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    for got, ref in ((x.grad, x64.grad), (A.grad, A64.grad), (B.grad, B64.grad)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_dropout_path_equals_unfused_with_the_same_mask():
+    layer = LoraLinear(nn.Linear(20, 24).requires_grad_(False))
+    layer.add_adapter("default", LoraConfig(r=4, alpha=8, dropout=0.3))
+    nn.init.normal_(layer.lora_B["default"].weight)
+    layer.train()
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    x = torch.randn(6, 20, requires_grad=True)
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(5)  # the same dropout mask both times
+        y = layer(x) if fused else layer.base_layer(x) + layer.delta(x, "default")
+        assert (type(y.grad_fn).__name__ == "_LoraMatmulBackward") == fused
+        results.append((y, *torch.autograd.grad(y.square().sum(), [x, *params])))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_path_over_4bit_base_saves_nothing_weight_sized():
+    layer = _fused_layer("nf4", 96, 80)
+    saved: list[int] = []
+    x = torch.randn(2, 3, 96, requires_grad=True)  # 2·3·96 inputs << 80·96 weights
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = layer(x)
+    y.sum().backward()
+    assert type(y.grad_fn).__name__ == "_LoraMatmulBackward" and max(saved) < 80 * 96, saved

@@ -274,7 +274,18 @@ def test_context_window_is_checked_or_filled():
     assert completion.config.max_new_tokens == 16  # OpenAI's default for /v1/completions
 
 
-def test_a_failing_request_does_not_take_the_server_down(client, server):
+def test_a_failing_request_does_not_take_the_server_down(client, server, monkeypatch):
+    import lorakit.serve
+
+    def broken_sampler(*args, **kwargs):
+        monkeypatch.undo()
+        raise RuntimeError("simulated sampler bug")
+
+    monkeypatch.setattr(lorakit.serve, "next_tokens_per_row", broken_sampler)
+    with pytest.raises(openai.InternalServerError, match="simulated sampler bug"):
+        client.completions.create(model="gamma", prompt="the cat", max_tokens=4)
+    assert server[1].engine._thread.is_alive()
+
     model = server[1].model
     original = model.forward
 

@@ -460,6 +460,8 @@ class Workload:
     # How lorakit trains; bench/advisor_calibration.py changes these to predict other frameworks' published runs.
     adapter_bytes: int = 4  # LoRA A and B are fp32 (nn.Linear's default dtype), whatever the base's dtype
     loss_chunks: int = 1  # the (B, T-1, V) logits are upcast and log-softmaxed at once (torchtune: 8 chunks)
+    fused_loss: bool = False  # True: the loss saves its input logits + log-sum-exp, not an fp32 log-softmax
+    # (torch.compile'd or fused cross-entropy kernels)
 
     @property
     def tokens(self) -> int:
@@ -613,12 +615,16 @@ def logits_bytes(w: Workload, shape: ModelShape) -> tuple[int, int]:
     """(forward, backward) bytes of the loss, N' = B·(T-1) shifted positions, C = loss_chunks:
     forward  b·V·N logits + the fp32 copy of the shifted logits 4·V·N'/C + log-softmax 4·V·N' (saved);
     backward the saved log-softmax 4·V·N' + its gradient and the input gradient 8·V·N'/C.
-    lorakit (C = 1): b·V·N + 8·V·N' forward, 12·V·N' backward."""
+    lorakit (C = 1): b·V·N + 8·V·N' forward, 12·V·N' backward. A fused loss saves the logits themselves
+    (and a log-sum-exp per row): b·V·N + 4·V·N'/C forward, 2·b·V·N' + 8·V·N'/C backward."""
     if w.task != "causal_lm":
         return 0, 0
-    v, n, c = shape.vocab, w.tokens, w.loss_chunks
+    v, n, c, b = shape.vocab, w.tokens, w.loss_chunks, w.compute_bytes
     n_shift = w.micro_batch * (w.seq_len - 1)
-    return w.compute_bytes * v * n + 4 * v * n_shift + 4 * v * n_shift // c, 4 * v * n_shift + 8 * v * n_shift // c
+    chunk = 4 * v * n_shift // c
+    if w.fused_loss:
+        return b * v * n + chunk, 2 * b * v * n_shift + 2 * chunk
+    return b * v * n + 4 * v * n_shift + chunk, 4 * v * n_shift + 2 * chunk
 
 
 def backward_transient_bytes(w: Workload, shape: ModelShape) -> int:
@@ -854,7 +860,7 @@ def _measure(device: str, dtype: str) -> dict[str, Any]:
     for k in MATMUL_SIZES:
         a = torch.randn(1024 * scale, k * scale, device=device, dtype=dt)
         b = torch.randn(k * scale, k * scale, device=device, dtype=dt)
-        rates[str(k * scale)] = 2 * a.shape[0] * a.shape[1] * b.shape[1] / _timed(lambda: a @ b, sync=sync)
+        rates[str(k * scale)] = 2 * a.shape[0] * a.shape[1] * b.shape[1] / _timed(lambda a=a, b=b: a @ b, sync=sync)
     x = torch.randn(64 * MiB // 4, device=device)  # 2×64 MiB: larger than a CPU's last-level cache
     y = torch.empty_like(x)
     bandwidth = 3 * x.numel() * 4 / _timed(lambda: torch.mul(x, x, out=y), sync=sync)
@@ -880,9 +886,24 @@ def _measure(device: str, dtype: str) -> dict[str, Any]:
     softmax = _timed(loss, sync=sync) / logits.numel()
     s = torch.randn(8, 8, device=device, requires_grad=True)
     op = _timed(lambda: (s * 2).sum().backward(), sync=sync) / 4  # 2 ops forward, 2 backward
-    return {"matmul_flops": rates, "bandwidth": bandwidth, "dequant_s": dequant, "adamw_s": adamw, "op_s": op,
-            "bernoulli_s": bernoulli, "softmax_s": softmax,
+    return {"matmul_flops": rates, "attention_flops": _attention_rate(device, dt, sync), "bandwidth": bandwidth,
+            "dequant_s": dequant, "adamw_s": adamw, "op_s": op, "bernoulli_s": bernoulli, "softmax_s": softmax,
             "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _attention_rate(device: str, dt: Any, sync) -> float:
+    """FLOP/s of SDPA forward + backward with a float mask (as with padded or packed rows): 4·T²·hd per
+    head forward, ×2.5 backward. Head dim 64 (128 on CUDA), T = 256 (1024 on CUDA)."""
+    import torch
+
+    hd, t = (128, 1024) if device == "cuda" else (64, 256)
+    q, k, v = (torch.randn(2, 8, t, hd, device=device, dtype=dt, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(2, 1, t, t, device=device, dtype=dt)
+
+    def attention():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
+
+    return 2 * 8 * 4 * t * t * hd * 3.5 / _timed(attention, sync=sync)
 
 
 def assumed_gpu_rates(gpu: str) -> dict[str, Any]:
@@ -890,6 +911,7 @@ def assumed_gpu_rates(gpu: str) -> dict[str, Any]:
     _, flops, bw = GPUS[gpu]
     rate = flops * GPU_MATMUL_EFFICIENCY
     return {"matmul_flops": {"256": rate / 4, "1024": rate * 0.8, "4096": rate, "16384": rate},
+            "attention_flops": 0.5 * rate,  # memory-efficient/flash kernels with a mask: about half the GEMM rate
             "bandwidth": 0.8 * bw, "dequant_s": 24 / (0.8 * bw), "adamw_s": 64 / (0.8 * bw), "op_s": 8e-6,
             "bernoulli_s": 9 / (0.8 * bw), "softmax_s": 40 / (0.8 * bw),
             "measured": f"assumed: {gpu} datasheet × {GPU_MATMUL_EFFICIENCY}"}
@@ -940,7 +962,7 @@ def time_model(w: Workload, shape: ModelShape, rates: dict[str, Any]) -> TimeMod
     flops += lora_f
     causal = 1.0 if w.masked else 0.5
     attn_f = shape.layers * 4 * n * w.seq_len * shape.q_dim * causal * (1 + 2.5 + (1 if gc else 0))
-    attn = attn_f / matmul_rate(rates, shape.head_dim)
+    attn = attn_f / (rates.get("attention_flops") or matmul_rate(rates, shape.head_dim))
     flops += attn_f
     elementwise = _elementwise_bytes(w, shape) / rates["bandwidth"]
     loss = shape.vocab * w.tokens * rates.get("softmax_s", 0.0) if w.task == "causal_lm" else 0.0

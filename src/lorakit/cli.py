@@ -35,12 +35,30 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lorakit.distributed import launched
     from lorakit.train import format_summary, train_lora
 
+    if args.nproc is not None and args.nproc > 1 and not launched():
+        return _relaunch_train(args)
     result = train_lora(args.config, args.set, resume=args.resume, progress=not args.quiet,
                         memory_check=not args.no_memory_check)
-    print(format_summary(result))
+    if result.rank == 0:
+        print(format_summary(result))
     return 0
+
+
+def _relaunch_train(args: argparse.Namespace) -> int:
+    """`lorakit train --nproc N`: this same command on N local processes under torch.distributed.run."""
+    from lorakit.config import load_run_config
+    from lorakit.distributed import relaunch
+
+    config = load_run_config(args.config, args.set)  # report config problems once, before starting N processes
+    child = ["train", *([args.config] if args.config else [])]
+    for override in args.set:
+        child += ["--set", override]
+    child += [flag for flag, on in (("--resume", args.resume), ("--quiet", args.quiet),
+                                    ("--no-memory-check", args.no_memory_check)) if on]
+    return relaunch(args.nproc, child, Path(config.output_dir))
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -205,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-memory-check", action="store_true",
                    help="start even when the advisor predicts the run will not fit in memory")
+    p.add_argument("--nproc", type=_positive_int, metavar="N",
+                   help="train data-parallel on N local processes (GPUs): re-runs this command under "
+                        "torch.distributed.run, like `torchrun --standalone --nproc_per_node N -m lorakit train ...`; "
+                        "multi-node: use torchrun with its rendezvous flags")
     p.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="look at the data as the model will see it").add_subparsers(dest="data_cmd", required=True)
@@ -287,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="every YAML key with its default and meaning")
     p.set_defaults(func=cmd_config_keys)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:

@@ -288,8 +288,12 @@ class TrainConfig:
 
     epochs: float = _help("Passes over the training data (ignored when max_steps is set).", default=3)
     max_steps: int | None = _help("Optimizer steps to run; overrides epochs.", default=None)
-    micro_batch_size: int = _help("Rows per forward/backward.", default=4)
-    grad_accum: int = _help("Micro-batches per optimizer step (loss weighted by supervised tokens).", default=4)
+    micro_batch_size: int = _help(
+        "Rows per forward/backward on each process. Global batch = micro_batch_size × grad_accum × world size "
+        "(processes under torchrun; 1 otherwise) rows per optimizer step, printed at start.", default=4)
+    grad_accum: int = _help(
+        "Micro-batches per optimizer step on each process (loss weighted by supervised tokens); "
+        "global batch = micro_batch_size × grad_accum × world size.", default=4)
     lr: float = _help("Peak learning rate (LoRA 5e-5–2e-4, QLoRA 1e-4–3e-4, full 1e-5–5e-5).", default=2e-4)
     lora_plus_ratio: float | None = _help("LoRA+: learning rate of B = lr × this ratio (e.g. 16); null = off.", default=None)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = _help(
@@ -312,10 +316,14 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
         "Compute dtype; auto = bf16 on CUDA, fp32 on CPU (bf16 matmul is ~100x slower on most CPUs).", default="auto"
     )
-    device: str = _help("auto | cpu | cuda | cuda:N | mps.", default="auto")
+    device: str = _help("auto | cpu | cuda | cuda:N | mps; under torchrun each process takes cuda:LOCAL_RANK.", default="auto")
+    parallel: Literal["ddp", "fsdp"] = _help(
+        "Multi-process strategy under torchrun / --nproc: ddp (every GPU holds the whole model) or fsdp "
+        "(FSDP2: weights, 4-bit codes, gradients and optimizer state sharded, for a model that does not fit one "
+        "device). Same losses either way; ignored in a single process.", default="ddp")
 
     def problems(self, prefix: str = "train") -> list[str]:
-        out = _choice_problems(self, prefix, ("optimizer", "scheduler", "dtype"))
+        out = _choice_problems(self, prefix, ("optimizer", "scheduler", "dtype", "parallel"))
         positive_ints = ("micro_batch_size", "grad_accum", "log_every", "keep_checkpoints")
         for key in positive_ints:
             value = getattr(self, key)

@@ -10,16 +10,30 @@ map one-to-one onto PEFT's adapter files (`...q_proj.lora_A.weight`).
 Several named adapters can live on one model: `set_adapter` picks the active one, `adapters_disabled`
 gives the base output, and `adapter_rows` lets each row of a batch use its own adapter (or none) in one
 forward -- the server batches requests for different adapters this way.
+
+The common case -- one active adapter over a frozen nn.Linear, Conv1D or NF4Linear, all in one dtype --
+runs as one autograd Function, `_LoraMatmul`, with the derivatives written out:
+
+    forward    h = x_d Aᵀ  (M, r)        y = x Wᵀ + b,  then  y += s · h Bᵀ   in place
+    backward   g_h = s · g B  (M, r)
+               ∂x = g W + g_h A           (g_h A added in place when x_d = x, i.e. no dropout)
+               ∂A = g_hᵀ x_d  (r, in)     ∂B = s · gᵀ h  (out, r)
+
+It saves x_d and h, as autograd would for the unfused expression, but makes no (M, out) temporaries
+for `delta · s` and `y + delta` in forward, nor for `g · s` and the sum of the two ∂x in backward, and
+fetches W again in backward instead of saving it (a 4-bit base is dequantized again; see quant/linear.py).
+Everything else (several adapters, per-row adapters, autocast, a trainable base) takes the plain path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +87,65 @@ def fan_in_fan_out(layer: nn.Module) -> bool:
     return is_conv1d(layer) or bool(getattr(layer, "conv1d", False))
 
 
+def _frozen_base(layer: nn.Module, dtype: torch.dtype) -> tuple[Callable[[], torch.Tensor], torch.Tensor | None] | None:
+    """(function giving the (out, in) weight, bias) of a frozen base computing in `dtype`, or None.
+
+    Only exact nn.Linear / Conv1D / NF4Linear without hooks: a subclass (bitsandbytes' Linear4bit) or
+    a hooked module (accelerate's offloading) must run its own forward."""
+    from transformers.pytorch_utils import Conv1D
+
+    from lorakit.quant.linear import NF4Linear, dequantize_scratch
+
+    if layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook"):
+        return None
+    bias = layer.bias
+    if bias is not None and (bias.requires_grad or bias.dtype != dtype):
+        return None
+    if type(layer) is NF4Linear:
+        if layer.compute_dtype != dtype:
+            return None
+        return functools.partial(dequantize_scratch, layer.state(), dtype), bias  # dequantized again in backward
+    if type(layer) not in (nn.Linear, Conv1D) or layer.weight.requires_grad or layer.weight.dtype != dtype:
+        return None
+    weight = layer.weight if type(layer) is nn.Linear else layer.weight.t()  # Conv1D stores (in, out)
+    return (lambda: weight), bias
+
+
+class _LoraMatmul(torch.autograd.Function):
+    """y = x Wᵀ + b + s · (x_d Aᵀ) Bᵀ for a frozen W; the maths is in the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, x_lora, A, B, bias, weight_fn, scaling):
+        x2 = x.reshape(-1, x.shape[-1])  # (M, in)
+        xd = x2 if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1])  # (M, in)
+        weight = weight_fn()  # (out, in); a 4-bit base's is a scratch buffer, used here and dropped
+        y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())  # (M, out)
+        h = torch.mm(xd, A.t())  # (M, r)
+        y.addmm_(h, B.t(), alpha=scaling)  # y += s · h Bᵀ, no (M, out) temporary
+        ctx.save_for_backward(xd, h, A, B)
+        ctx.weight_fn, ctx.scaling, ctx.same_input = weight_fn, scaling, x_lora is None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        xd, h, A, B = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])  # (M, out)
+        g_h = torch.mm(g, B).mul_(ctx.scaling)  # (M, r)
+        grad_x = grad_x_lora = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g, ctx.weight_fn())  # (M, out) @ (out, in) -> (M, in)
+            if ctx.same_input:
+                grad_x.addmm_(g_h, A)  # + the LoRA path's share, in place
+            grad_x = grad_x.view(*grad_y.shape[:-1], -1)
+        if not ctx.same_input and ctx.needs_input_grad[1]:
+            grad_x_lora = torch.mm(g_h, A).view(*grad_y.shape[:-1], -1)  # (M, in)
+        if ctx.needs_input_grad[2]:
+            grad_A = torch.mm(g_h.t(), xd)  # (r, in)
+        if ctx.needs_input_grad[3]:
+            grad_B = torch.mm(g.t(), h).mul_(ctx.scaling)  # (out, r)
+        return grad_x, grad_x_lora, grad_A, grad_B, None, None, None
+
+
 class LoraLinear(nn.Module):
     """A frozen base layer plus named low-rank adapters; see the module docstring for the maths."""
 
@@ -110,6 +183,9 @@ class LoraLinear(nn.Module):
         return F.linear(F.linear(h, A), B) * self.scaling[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self._fused_forward(x)
+        if fused is not None:
+            return fused
         y = self.base_layer(x)
         if self.disabled:
             if self.merged_adapters:
@@ -121,6 +197,23 @@ class LoraLinear(nn.Module):
             if name not in self.merged_adapters:
                 y = y + self.delta(x, name).to(y.dtype)
         return y
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """base(x) + delta(x) through `_LoraMatmul` when exactly one unmerged adapter applies to every row
+        and the base is frozen and in x's dtype; None when the plain path must run."""
+        if self.disabled or self.row_adapters is not None or len(self.active_adapters) != 1:
+            return None
+        name = self.active_adapters[0]
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        base = _frozen_base(self.base_layer, x.dtype)
+        if name in self.merged_adapters or base is None or not x.dtype == A.dtype == B.dtype:
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        weight_fn, bias = base
+        dropout = self.lora_dropout[name]
+        x_lora = None if isinstance(dropout, nn.Identity) or not dropout.training else dropout(x)
+        return _LoraMatmul.apply(x, x_lora, A, B, bias, weight_fn, self.scaling[name])
 
     def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Row i of the batch gets adapter row_adapters[i] (None = base only). x: (B, ..., in)."""

@@ -33,6 +33,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import re
 import socket
 import threading
@@ -266,8 +267,9 @@ class AdapterBank:
             return
         with self._lock:
             adapter.refs -= 1
-            if adapter.retired and adapter.refs == 0:
-                self._delete(adapter)
+            gone = adapter.retired and adapter.refs == 0
+        if gone:  # outside the bank lock: deleting waits for the running forward, the event loop must not
+            self._delete(adapter)
 
     def load(self, name: Any, path: Any, trusted: bool = False) -> Adapter:
         """Load an adapter directory under `name`. `trusted` (start-up flags) skips the root check."""
@@ -292,8 +294,9 @@ class AdapterBank:
                 raise ServeError(404, f"no adapter named {name!r} is loaded; loaded adapters: {sorted(self.adapters)}",
                                  param="lora_name", code="adapter_not_found")
             adapter.retired = True
-            if adapter.refs == 0:
-                self._delete(adapter)
+            gone = adapter.refs == 0
+        if gone:  # else the last request using it deletes it (`release`); no new request can find it
+            self._delete(adapter)
         log.info("unloaded adapter %r", name)
 
     def entries(self) -> list[Adapter]:
@@ -327,7 +330,7 @@ class AdapterBank:
                     if key in adapter_configs(self.model):
                         delete_adapter(self.model, key)
                     raise
-        except AdapterError as e:
+        except (AdapterError, ValueError) as e:  # AdapterError is a ValueError; so are LoraConfig problems
             raise ServeError(400, f"adapter {name!r} was not loaded: {e}", param="lora_path",
                              code="adapter_incompatible") from None
         template = directory / TEMPLATE_FILE
@@ -350,8 +353,12 @@ def _refuse_full_modules(directory: Path) -> None:
     path = directory / WEIGHTS_FILE
     if not path.is_file():
         return  # load_lora_adapter explains what is missing
-    with safe_open(str(path), framework="pt") as f:
-        full = sorted({k.removeprefix("base_model.model.").rsplit(".", 1)[0] for k in f.keys() if "lora_" not in k})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # noqa: BLE001 - a corrupt file: load_lora_adapter reports it with the fix
+        return
+    full = sorted({k.removeprefix("base_model.model.").rsplit(".", 1)[0] for k in keys if "lora_" not in k})
     if full:
         raise AdapterError(f"{path} trains whole modules {full[:5]} (modules_to_save); they would replace the "
                            "shared base for every request. Serve it merged instead: lorakit merge --base ... "
@@ -481,11 +488,17 @@ class Engine:
             admitted = self._admissions()
             if admitted is None:
                 return
-            self._drop_cancelled()
-            if admitted:
-                self._prefill(admitted)
-            if self.rows:
-                self._step()
+            try:
+                self._drop_cancelled()
+                if admitted:
+                    self._prefill(admitted)
+                if self.rows:
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - a bug in one iteration fails its requests, not the engine
+                log.exception("engine iteration failed; failing its %d requests", len(self.rows))
+                self._fail(self.rows + admitted, f"internal error: {type(e).__name__}: {e}")
+                self.rows = []
+                self.batch.keep([])
 
     def _admissions(self) -> list[Job] | None:
         """Waiting jobs that fit in the batch (by rows and by prefill tokens); blocks while idle."""
@@ -659,7 +672,7 @@ def _number(body: dict, key: str, default: float, low: float, high: float | None
     value = body.get(key)
     if value is None:
         return default
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
     if not ok:
         span = f"{'(' if low_open else '['}{low}, {high if high is not None else '∞'}]"

@@ -10,6 +10,10 @@ backward uses its share Σ_t ce_t / N, which sums to exactly ∇L (equal to one 
 The data order is a pure function of (seed, epoch), and a checkpoint stores the trainable weights,
 optimizer and schedule, RNG states and the count of micro-batches consumed; resuming therefore
 continues bit-for-bit (on CPU in fp32) as if the run had never stopped.
+
+Under torchrun the same loop runs on W ranks (lorakit.distributed): each optimizer step takes K·W
+micro-batches of the one data order, rank r the r-th block of K, N is all-reduced before backward, and
+the losses equal those of one process with grad_accum K·W. Rank 0 alone logs and writes files.
 """
 
 from __future__ import annotations
@@ -31,9 +35,37 @@ from torch import nn
 
 from lorakit.adapters import save_lora_adapter
 from lorakit.atomic import atomic_directory, atomic_file
-from lorakit.checkpoint import RunState, list_checkpoints, load_checkpoint, save_checkpoint, trainable_state
+from lorakit.checkpoint import (
+    RunState,
+    list_checkpoints,
+    load_checkpoint,
+    load_trainable_state,
+    save_checkpoint,
+    trainable_state,
+)
 from lorakit.config import RunConfig, dump_yaml, load_run_config
 from lorakit.devices import pick_device, pick_dtype
+from lorakit.distributed import (
+    all_reduce_sum,
+    barrier,
+    broadcast,
+    full_model_state,
+    full_tensor,
+    gathered_parameters,
+    grad_sync,
+    is_lost_rank,
+    is_main,
+    lost_rank_message,
+    my_share,
+    process_group,
+    rank,
+    reshard,
+    restarted,
+    sharded,
+    unwrap,
+    world_size,
+    wrap_model,
+)
 from lorakit.lora import inject_lora, parameter_report
 
 log = logging.getLogger(__name__)
@@ -50,18 +82,23 @@ class TrainResult:
     summary: dict[str, Any]
     model: nn.Module | None = None
     tokenizer: Any = None
+    rank: int = 0  # under torchrun: which process returned this (rank 0 wrote the files)
 
 
 # --------------------------------------------------------------------------- setup
 
 
-def prepare_model(config: RunConfig, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """Load the base, quantize it for QLoRA, add adapters (or unfreeze all for full)."""
+def prepare_model(config: RunConfig, device: torch.device, dtype: torch.dtype,
+                  load_on: torch.device | None = None) -> tuple[nn.Module, Any]:
+    """Load the base, quantize it for QLoRA, add adapters (or unfreeze all for full).
+
+    `load_on` (default: `device`) is where the weights are built: the CPU for FSDP2, which then moves
+    only each rank's shard to the accelerator."""
     from lorakit.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(config.base_model, config.revision)
     load_dtype = torch.float32 if config.method == "full" and dtype != torch.float32 and device.type == "cpu" else dtype
-    model = load_model(config.base_model, config.task, load_dtype, device, config.revision, config.num_labels)
+    model = load_model(config.base_model, config.task, load_dtype, load_on or device, config.revision, config.num_labels)
     if config.method == "qlora":
         from lorakit.quant import quantize_model
 
@@ -137,20 +174,22 @@ class BatchPlan:
 
     def stream(self, start: int) -> Iterator[tuple[float, list[Any]]]:
         """(fractional epoch after this micro-batch, rows) from micro-batch index `start` on."""
-        index = start
+        index, order_epoch, order = start, None, []
         while True:
             epoch, within = divmod(index, self.per_epoch)
-            order = self.epoch_order(epoch)
+            if epoch != order_epoch:
+                order_epoch, order = epoch, self.epoch_order(epoch)
             picked = order[within * self.size:(within + 1) * self.size]
             index += 1
             yield epoch + (within + 1) / self.per_epoch, [self.rows[i] for i in picked]
 
 
-def total_steps(config: RunConfig, plan: BatchPlan) -> int:
+def total_steps(config: RunConfig, plan: BatchPlan, world: int = 1) -> int:
+    """Optimizer steps of the run; a step consumes grad_accum × world micro-batches of the data order."""
     tc = config.train
     if tc.max_steps:
         return tc.max_steps
-    return max(1, math.ceil(tc.epochs * plan.per_epoch / tc.grad_accum))
+    return max(1, math.ceil(tc.epochs * plan.per_epoch / (tc.grad_accum * world)))
 
 
 # --------------------------------------------------------------------------- loss
@@ -167,15 +206,15 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Σ of per-token cross-entropy over supervised positions (labels shifted by one, as in HF)."""
     from lorakit.data import model_inputs
 
-    inputs = model_inputs(batch, model)
+    inputs = model_inputs(batch, unwrap(model))  # `model` may be a DDP wrapper: forward through it
     labels = batch["labels"]
     if labels.dim() == 1:
         out = model(**inputs, labels=labels)
         return out.loss * labels.numel()
-    logits = model(**inputs).logits  # (B, T, V)
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1)
-    return nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    from lorakit.loss import causal_lm_loss_sum
+
+    # the LM head and cross-entropy in row chunks: the (B, T, V) logits are never made (see loss.py)
+    return causal_lm_loss_sum(model, inputs, labels, inner=unwrap(model))
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -186,17 +225,23 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 class Loop:
-    """State of one run; `run()` reads as the list of what happens each optimizer step."""
+    """State of one run; `run()` reads as the list of what happens each optimizer step.
+
+    `model` is the plain model (names, saving, eval); `wrapped` is what forward/backward go through: a DDP
+    wrapper, the FSDP2-sharded model itself, or (one process) the model."""
 
     def __init__(self, config: RunConfig, model: nn.Module, tokenizer: Any, data: Any, device: torch.device,
-                 run_dir: Path, progress: bool):
+                 run_dir: Path, progress: bool, wrapped: nn.Module | None = None):
         from lorakit.data import collate
 
         self.config, self.model, self.tokenizer, self.data = config, model, tokenizer, data
         self.device, self.run_dir, self.progress = device, run_dir, progress
+        self.wrapped = wrapped if wrapped is not None else model
+        self.rank, self.world = rank(), world_size()
         self.collate = lambda rows: collate(rows, tokenizer.pad_token_id, config.data.packing, config.data.max_seq_len)
         self.plan = BatchPlan(training_rows(data.train, config), config.train.micro_batch_size, config.train.seed)
-        self.total = total_steps(config, self.plan)
+        self.eval_rows = training_rows(data.eval, config) if data.eval else []
+        self.total = total_steps(config, self.plan, self.world)
         self.optimizer = build_optimizer(model, config)
         self.scheduler = build_scheduler(self.optimizer, config, self.total)
         self.state = RunState()
@@ -206,16 +251,13 @@ class Loop:
     # ----- one optimizer step
 
     def step(self, stream: Iterator[tuple[float, list[Any]]]) -> float:
-        """Forward/backward over grad_accum micro-batches, clip, update; returns the fractional epoch."""
+        """Forward/backward over this rank's grad_accum micro-batches, clip, update; returns the fractional epoch."""
         self.model.train()
-        micro = [next(stream) for _ in range(self.config.train.grad_accum)]
-        batches = [to_device(self.collate(rows), self.device) for _, rows in micro]
-        n_tokens = sum(supervised_tokens(b) for b in batches)
-        step_loss = 0.0
-        for batch in batches:
-            loss = loss_sum(self.model, batch) / max(n_tokens, 1)
-            loss.backward()
-            step_loss += loss.item()
+        accum = self.config.train.grad_accum
+        micro = [next(stream) for _ in range(accum * self.world)]  # the whole step, in data order
+        batches = [to_device(self.collate(rows), self.device) for _, rows in my_share(micro, accum)]
+        n_tokens = int(all_reduce_sum(sum(supervised_tokens(b) for b in batches))[0])  # N of the global step
+        step_loss = self.forward_backward(batches, n_tokens)
         grad_norm = self.clip_gradients()
         self.guard_finite(step_loss, grad_norm)
         self.optimizer.step()
@@ -230,10 +272,21 @@ class Loop:
         self.window["grad_norm"] = grad_norm
         return micro[-1][0]
 
+    def forward_backward(self, batches: list[dict[str, torch.Tensor]], n_tokens: int) -> float:
+        """Backpropagate W · S_k / N per micro-batch; DDP / FSDP2 average over the W ranks, so the gradient
+        is that of Σ_k S_k / N over the global step. Returns that loss, summed over ranks."""
+        step_loss = 0.0
+        for i, batch in enumerate(batches):
+            with grad_sync(self.wrapped, sync=i == len(batches) - 1):
+                loss = loss_sum(self.wrapped, batch) / max(n_tokens, 1)
+                (loss * self.world).backward()
+            step_loss += loss.item()
+        return all_reduce_sum(step_loss)[0]
+
     def clip_gradients(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.config.train.max_grad_norm or float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
 
     def guard_finite(self, loss: float, grad_norm: float) -> None:
         if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -264,23 +317,41 @@ class Loop:
         self.window.update(loss=0.0, tokens=0, steps=0, start=time.perf_counter())
         return row
 
+    @torch.no_grad()
     def evaluate(self) -> float | None:
-        if not self.data.eval:
+        """Token-weighted eval loss. Eval batches are dealt round-robin to the ranks, the sums all-reduced;
+        every rank runs the same number of forwards (FSDP2 gathers weights collectively), the spare ones
+        on a batch whose result is dropped."""
+        if not self.eval_rows:
             return None
-        from lorakit.evaluate import eval_loss
+        from lorakit.evaluate import batch_loss_sum
 
-        size = self.config.train.micro_batch_size
-        rows = training_rows(self.data.eval, self.config)
-        batches = (to_device(self.collate(rows[i:i + size]), self.device) for i in range(0, len(rows), size))
-        return float(eval_loss(self.model, batches)["loss"])
+        size, rows = self.config.train.micro_batch_size, self.eval_rows
+        starts = list(range(0, len(rows), size))
+        mine = starts[self.rank::self.world]
+        total, count = 0.0, 0
+        self.model.eval()
+        for i in range(math.ceil(len(starts) / self.world)):
+            start = mine[i] if i < len(mine) else 0
+            loss, n = batch_loss_sum(self.model, to_device(self.collate(rows[start:start + size]), self.device))
+            if i < len(mine):
+                total, count = total + float(loss), count + n
+        self.model.train()
+        reshard(self.model)
+        total, count = all_reduce_sum(total, count)
+        if count == 0:
+            raise TrainingError("the eval data holds no supervised tokens (every label is -100); check data.eval")
+        return total / count
 
     def record_eval(self, eval_loss: float) -> bool:
         """Track the best eval; save its weights; return True when early stopping says stop."""
         s = self.state
         if s.best_eval_loss is None or eval_loss < s.best_eval_loss:
             s.best_eval_loss, s.best_step, s.evals_without_improvement = eval_loss, s.step, 0
-            with atomic_directory(self.run_dir / "best") as tmp:
-                save_file(trainable_state(self.model), str(tmp / "trainable.safetensors"))
+            tensors = trainable_state(self.model)
+            if is_main():
+                with atomic_directory(self.run_dir / "best") as tmp:
+                    save_file(tensors, str(tmp / "trainable.safetensors"))
             return False
         s.evals_without_improvement += 1
         patience = self.config.train.early_stopping_patience
@@ -288,12 +359,9 @@ class Loop:
 
     def restore_best(self) -> None:
         path = self.run_dir / "best" / "trainable.safetensors"
-        if not path.is_file():
-            return
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in load_file(str(path)).items():
-                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+        tensors = broadcast(load_file(str(path)) if is_main() and path.is_file() else None)
+        if tensors is not None:
+            load_trainable_state(self.model, tensors, path)
 
     def checkpoint(self) -> None:
         self.state.elapsed_s = self.elapsed()
@@ -301,13 +369,15 @@ class Loop:
                         self.config.train.keep_checkpoints)
 
     def resume(self) -> None:
-        found = list_checkpoints(self.run_dir)
+        found = broadcast(list_checkpoints(self.run_dir) if is_main() else None)
         if not found:
-            log.warning("--resume: no checkpoint in %s; starting from scratch", self.run_dir / "checkpoints")
+            if is_main():
+                log.warning("--resume: no checkpoint in %s; starting from scratch", self.run_dir / "checkpoints")
             return
         self.state = load_checkpoint(found[-1], self.model, self.optimizer, self.scheduler)
-        truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
-        print(f"resumed from {found[-1]} (step {self.state.step}/{self.total})", file=sys.stderr)
+        if is_main():
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+            print(f"resumed from {found[-1]} (step {self.state.step}/{self.total})", file=sys.stderr)
 
     def elapsed(self) -> float:
         return self.base_elapsed + (time.perf_counter() - self.started)
@@ -320,7 +390,7 @@ class Loop:
         self.base_elapsed = self.state.elapsed_s
         stream = self.plan.stream(self.state.micro_batches)
         bar = make_progress(self.total, self.state.step, self.progress)
-        metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") if is_main() else None
         try:
             while self.state.step < self.total:
                 epoch_before = self.state.micro_batches // self.plan.per_epoch
@@ -338,10 +408,7 @@ class Loop:
                         row["eval_loss"] = eval_value
                         should_stop = self.record_eval(eval_value)
                 if row is not None:
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
-                    self.state.history.append(row)
-                    bar.set_postfix(progress_fields(row))
+                    self.record_row(row, metrics, bar)
                 if tc.save_every and self.state.step % tc.save_every == 0:
                     self.checkpoint()
                 if should_stop:
@@ -349,13 +416,23 @@ class Loop:
                     break
         except KeyboardInterrupt:
             self.stop_reason = "interrupted"
-            self.checkpoint()
+            if self.world == 1:  # NOTE: across ranks a checkpoint is collective; an interrupt may hit one rank only
+                self.checkpoint()
         finally:
             bar.close()
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
             self.state.elapsed_s = self.elapsed()
         if tc.early_stopping_patience is not None:
             self.restore_best()
+
+    def record_row(self, row: dict[str, Any], metrics: Any, bar: Any) -> None:
+        """One metrics line: to metrics.jsonl (rank 0), the history (summary, plot) and the progress bar."""
+        if metrics is not None:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+        self.state.history.append(row)
+        bar.set_postfix(progress_fields(row))
 
 
 def make_progress(total: int, initial: int, enabled: bool) -> Any:
@@ -400,35 +477,74 @@ def train_lora(config: RunConfig | str | Path, overrides: list[str] | None = Non
 
     `config` is a RunConfig or a YAML path (validated whole before any weight is loaded). With
     `memory_check` the advisor predicts the peak memory from config.json alone and stops the run, with
-    what to change, before any weight is loaded when it would not fit."""
+    what to change, before any weight is loaded when it would not fit. Under torchrun every rank calls
+    this (see lorakit.distributed); a worker group that torchrun restarted resumes by itself."""
     if not isinstance(config, RunConfig):
         config = load_run_config(config, overrides)
-    if memory_check:
-        check_memory(config)
-    run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        _clear_previous_run(run_dir)
-    dump_yaml(config, run_dir / "config.yaml")
-    device = pick_device(config.train.device)
-    dtype = pick_dtype(config.train.dtype, device)
-    from lorakit.models import load_tokenizer
+    with process_group(config.train.device) as device:
+        return _train(config, device, resume or restarted(), progress and is_main(), memory_check)
 
-    data = _prepare_data(config, load_tokenizer(config.base_model, config.revision))
-    dump_yaml(config, run_dir / "config.yaml")  # again: data paths and num_labels may now be filled in
-    torch.manual_seed(config.train.seed)
-    model, tokenizer = prepare_model(config, device, dtype)
-    print(parameter_report(model), file=sys.stderr)
-    loop = Loop(config, model, tokenizer, data, device, run_dir, progress)
+
+def _train(config: RunConfig, device: torch.device, resume: bool, progress: bool, memory_check: bool) -> TrainResult:
+    fsdp = config.train.parallel == "fsdp" and world_size() > 1
+    if fsdp and config.train.optimizer != "adamw":
+        raise TrainingError(f"train.optimizer: {config.train.optimizer} cannot update FSDP2-sharded parameters; "
+                            f"use adamw with train.parallel: fsdp, or train.parallel: ddp")
+    if memory_check and not fsdp:  # NOTE: the advisor models one device holding the whole model, not FSDP shards
+        check_memory(config)
+    run_dir = prepare_run_dir(config, resume)
+    dtype = pick_dtype(config.train.dtype, device)
+    data = _prepare_data(config)
+    if is_main():
+        dump_yaml(config, run_dir / "config.yaml")  # again: data paths and num_labels may now be filled in
+    torch.manual_seed(config.train.seed)  # the same initial adapter on every rank
+    model, tokenizer = prepare_model(config, device, dtype, load_on=torch.device("cpu") if fsdp else device)
+    fingerprint = _base_fingerprint(model, config)  # before FSDP2 turns NF4 codes into (sharded) parameters
+    if is_main():
+        print(parameter_report(model), file=sys.stderr)
+        print(batch_report(config), file=sys.stderr)
+    wrapped = wrap_model(model, config.train.parallel, device)
+    torch.manual_seed(config.train.seed + rank())  # dropout masks: one stream per rank
+    loop = Loop(config, model, tokenizer, data, device, run_dir, progress, wrapped)
     if resume:
         loop.resume()
+    run_loop(loop)
+    adapter_dir = save_outputs(loop, fingerprint)
+    summary = write_summary(loop, adapter_dir, device)
+    return TrainResult(run_dir, adapter_dir, summary, model, tokenizer, rank())
+
+
+def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
+    """Create output_dir; a fresh run clears the previous one's files; rank 0 writes config.yaml."""
+    run_dir = Path(config.output_dir)
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            _clear_previous_run(run_dir)
+        dump_yaml(config, run_dir / "config.yaml")
+    barrier()
+    return run_dir
+
+
+def batch_report(config: RunConfig) -> str:
+    """The global batch, printed at start: rows per micro-batch × micro-batches per rank × ranks."""
+    tc, world = config.train, world_size()
+    how = f"{tc.parallel.upper()} over {world} processes" if world > 1 else "1 process"
+    return (f"global batch: {tc.micro_batch_size} rows/micro-batch × {tc.grad_accum} grad_accum × {world} "
+            f"world size = {tc.micro_batch_size * tc.grad_accum * world} rows per optimizer step ({how})")
+
+
+def run_loop(loop: Loop) -> None:
+    """loop.run(), with out-of-memory and a lost rank turned into messages that say what to do."""
     try:
         loop.run()
     except torch.OutOfMemoryError:
-        raise TrainingError(oom_advice(config)) from None
-    adapter_dir = save_outputs(loop)
-    summary = write_summary(loop, adapter_dir, device)
-    return TrainResult(run_dir, adapter_dir, summary, model, tokenizer)
+        raise TrainingError(oom_advice(loop.config)) from None
+    except RuntimeError as e:
+        if not is_lost_rank(e):
+            raise
+        last = list_checkpoints(loop.run_dir)
+        raise TrainingError(lost_rank_message(e, last[-1] if last else None)) from None
 
 
 def check_memory(config: RunConfig) -> None:
@@ -441,15 +557,17 @@ def check_memory(config: RunConfig) -> None:
         raise TrainingError(problem)
 
 
-def _prepare_data(config: RunConfig, tokenizer: Any) -> Any:
+def _prepare_data(config: RunConfig) -> Any:
     from lorakit.data import prepare_data
+    from lorakit.models import load_tokenizer
 
     if config.data.train is None:
         from lorakit.demo import write_demo_data
 
-        paths = write_demo_data(Path(config.output_dir) / "data")
+        paths = broadcast(write_demo_data(Path(config.output_dir) / "data") if is_main() else None)  # rank 0 writes
         config.data.train = str(paths["train"])
         config.data.eval = config.data.eval or str(paths["eval"])
+    tokenizer = load_tokenizer(config.base_model, config.revision)
     data = prepare_data(config.data, tokenizer, config.task, config.train.micro_batch_size)
     if config.task == "seq_cls" and config.num_labels is None:
         config.num_labels = len(data.label_names) if data.label_names else 1 + max(e.labels for e in data.train + data.eval)
@@ -480,23 +598,47 @@ def oom_advice(config: RunConfig) -> str:
     return "out of memory. Try, in this order:\n  - " + "\n  - ".join(tips) + "\n(`lorakit advise --config ...` predicts the peak before you start.)"
 
 
-def save_outputs(loop: Loop) -> Path | None:
-    """adapter/ (PEFT format) for LoRA/QLoRA, model/ (save_pretrained) for full fine-tuning; loss.png."""
+def save_outputs(loop: Loop, fingerprint: dict[str, Any] | None = None) -> Path | None:
+    """adapter/ (PEFT format) for LoRA/QLoRA, model/ (save_pretrained) for full fine-tuning; loss.png.
+
+    Every rank calls this (FSDP2 gathers the sharded weights collectively); rank 0 writes."""
     config, run_dir = loop.config, loop.run_dir
-    plot_losses(loop.state.history, run_dir / "loss.png")
+    if is_main():
+        plot_losses(loop.state.history, run_dir / "loss.png")
     if config.method == "full":
-        with atomic_directory(run_dir / "model") as tmp:
-            loop.model.save_pretrained(tmp, safe_serialization=True)
-            loop.tokenizer.save_pretrained(tmp)
-        return run_dir / "model"
+        return save_full_model(loop)
     metadata = {
         "data_hash": loop.data.stats.get("data_hash"),
         "hyperparameters": {"method": config.method, "lora": asdict(config.lora), "train": asdict(config.train),
                             "quant": asdict(config.quant) if config.method == "qlora" else None},
         "metrics": {"best_eval_loss": loop.state.best_eval_loss, "steps": loop.state.step},
     }
-    return save_lora_adapter(loop.model, run_dir / "adapter", task_type="SEQ_CLS" if config.task == "seq_cls" else "CAUSAL_LM",
-                             metadata=metadata, chat_template=getattr(loop.data, "chat_template", None))
+    if fingerprint is not None:
+        metadata["base_model"] = fingerprint
+    with gathered_parameters(loop.model):
+        if is_main():
+            save_lora_adapter(loop.model, run_dir / "adapter", task_type="SEQ_CLS" if config.task == "seq_cls" else "CAUSAL_LM",
+                              metadata=metadata, chat_template=getattr(loop.data, "chat_template", None))
+    barrier()
+    return run_dir / "adapter"
+
+
+def save_full_model(loop: Loop) -> Path:
+    state = full_model_state(loop.model) if sharded(loop.model) else None  # whole weights on rank 0
+    if is_main():
+        with atomic_directory(loop.run_dir / "model") as tmp:
+            loop.model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+            loop.tokenizer.save_pretrained(tmp)
+    barrier()
+    return loop.run_dir / "model"
+
+
+def _base_fingerprint(model: nn.Module, config: RunConfig) -> dict[str, Any] | None:
+    if config.method == "full":
+        return None
+    from lorakit.adapters import base_fingerprint
+
+    return base_fingerprint(model)
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
@@ -546,10 +688,12 @@ def write_summary(loop: Loop, adapter_dir: Path | None, device: torch.device) ->
         "tokens_per_s": s.tokens / max(s.elapsed_s, 1e-9),
         "peak_memory_bytes": peak_memory_bytes(device),
         "device": str(device),
+        "world_size": loop.world,
         "output": str(adapter_dir) if adapter_dir else None,
     }
-    with atomic_file(loop.run_dir / "summary.json") as f:
-        json.dump(summary, f, indent=2)
+    if is_main():
+        with atomic_file(loop.run_dir / "summary.json") as f:
+            json.dump(summary, f, indent=2)
     return summary
 
 

@@ -312,3 +312,16 @@ def test_cuda_quantization_equals_cpu_and_everything_stays_on_the_device():
     torch.testing.assert_close(y.cpu(), cpu(x), rtol=0.02, atol=0.05)
     merged = gpu.dequantized_layer(dtype=torch.bfloat16)
     assert merged.weight.device.type == "cuda" and merged.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("shape", [(80, 96), (3, 64), (5, 70), (1, 7)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_scratch_dequantize_is_bit_exact_and_reuses_its_buffer(shape, double_quant):
+    from lorakit.quant.linear import dequantize_scratch
+
+    state = quantize_nf4(_randn(*shape, seed=11), double_quant=double_quant)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        assert torch.equal(dequantize_scratch(state, dtype), dequantize_nf4(state, dtype))
+    if shape[0] * shape[1] % 64 == 0:  # whole blocks: the fast path, into the same memory each call
+        first = dequantize_scratch(state, torch.float32).data_ptr()
+        assert dequantize_scratch(state, torch.float32).data_ptr() == first
