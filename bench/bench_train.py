@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> dict:
                     r = {**run_worker({**base, **item, "stack": stack}), "repeat": repeat}
                     log(r, repeat)
                     results.append(r)
-    return {"model": args.model, "config": m, "args": vars(args), "command": command_line(), "machine": machine(),
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "render", "results")}
+    return {"model": args.model, "config": m, "args": settings, "command": command_line(), "machine": machine(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
             "wall_s": time.time() - started, "results": results}
 
@@ -180,7 +181,7 @@ def main() -> None:
     runs = [json.loads(path.read_text()) for path in args.render] if args.render else [run(args)]
     if args.json and not args.render:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(runs[0], indent=1))
+        args.json.write_text(json.dumps(runs[0], indent=1, default=str))
     section = render(runs, flops_per_token)
     print(section)
     if args.results:

@@ -232,8 +232,9 @@ def quantize(spec: dict) -> dict:
     del model, weights
     t0 = time.perf_counter()
     if spec["stack"] == "lorakit":
+        from lorakit.config import QuantConfig
         from lorakit.models import load_model
-        from lorakit.quant import QuantConfig, quantize_model
+        from lorakit.quant import quantize_model
 
         quantize_model(load_model(spec["model_dir"], dtype=torch.float32), QuantConfig(), torch.float32, progress=False)
     else:

@@ -240,6 +240,76 @@ def dump_yaml(obj: Any, path: str | Path) -> None:
 
 
 @dataclass
+class GenerationConfig:
+    """How new tokens are chosen; the defaults are greedy decoding (reproducible evals)."""
+
+    max_new_tokens: int = _help("New tokens at most per answer.", default=64)
+    temperature: float = _help("0 = greedy; otherwise softmax temperature.", default=0.0)
+    top_p: float = _help("Nucleus sampling mass in (0, 1]; 1 = off.", default=1.0)
+    top_k: int = _help("Sample among the k most likely tokens; 0 = off.", default=0)
+    repetition_penalty: float = _help("CTRL repetition penalty; 1 = off.", default=1.0)
+    stop: list[str] = _help("Strings that end an answer (cut from the text).", default_factory=list)
+    seed: int | None = _help("Sampling seed (reproducible sampling); null = unseeded.", default=None)
+
+    def problems(self, prefix: str = "generation") -> list[str]:
+        out = []
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            out.append(f"{prefix}.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            out.append(f"{prefix}.temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            out.append(f"{prefix}.top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            out.append(f"{prefix}.top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
+            out.append(f"{prefix}.repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            out.append(f"{prefix}.stop must be a list of non-empty strings, got {self.stop!r}")
+        return out
+
+
+
+@dataclass
+class EvalConfig:
+    """`lorakit eval` and the eval at the end of training: what is measured beyond the loss."""
+
+    generation: GenerationConfig = _help(
+        "Sampling for generation metrics (greedy by default): max_new_tokens, temperature, top_p, top_k, "
+        "repetition_penalty, stop.",
+        default_factory=lambda: GenerationConfig(max_new_tokens=64),
+    )
+    prompts: str | None = _help(
+        'JSONL of {"messages": [...]} or {"prompt": "..."} rows with a "reference" (and optional "label"); '
+        "null = the eval split, prompted up to its first supervised token.",
+        default=None,
+    )
+    max_prompts: int = _help("Prompts generated for (the first N); generation is the slow part.", default=200)
+    schema: str | dict | None = _help("JSON schema (path or mapping) the outputs must satisfy; null = none.", default=None)
+    label_key: str | None = _help("JSON key holding the class in outputs and references (accuracy, macro F1).", default=None)
+    canary: str | None = _help(
+        'Forgetting canary: "builtin", a JSONL of {"prompt", "completion"} rows, or null = off.', default="builtin"
+    )
+    canary_max_increase: float = _help("Flag forgetting when canary perplexity rises by more than this share.", default=0.10)
+    batch_size: int = _help("Rows per generation / loss batch.", default=16)
+    samples: int = _help("Example generations shown in the report (base and tuned side by side).", default=3)
+    at_end: bool = _help("Run this eval (base vs tuned) when training ends, writing <output_dir>/eval/.", default=True)
+
+    def problems(self, prefix: str = "eval") -> list[str]:
+        out = self.generation.problems(f"{prefix}.generation")
+        for key in ("max_prompts", "batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                out.append(f"{prefix}.{key} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.canary_max_increase, (int, float)) or self.canary_max_increase < 0:
+            out.append(f"{prefix}.canary_max_increase must be >= 0 (0.1 = +10% perplexity), got {self.canary_max_increase!r}")
+        for key in ("prompts", "canary"):
+            value = getattr(self, key)
+            if value not in (None, "builtin") and not Path(value).is_file():
+                out.append(f"{prefix}.{key} file {value} does not exist (a JSONL path{', builtin' if key == 'canary' else ''} or null)")
+        return out
+
+
+@dataclass
 class DataConfig:
     """Where the examples come from and how they become token ids."""
 
@@ -365,6 +435,7 @@ class RunConfig:
     quant: QuantConfig = _help("Quantization settings (used for method: qlora).", default_factory=QuantConfig)
     data: DataConfig = _help("Data settings.", default_factory=DataConfig)
     train: TrainConfig = _help("Training-loop settings.", default_factory=TrainConfig)
+    eval: EvalConfig = _help("Evaluation settings (lorakit eval, and at the end of training).", default_factory=EvalConfig)
     output_dir: str = _help("Run directory: adapter/, checkpoints/, metrics.jsonl, loss.png, summary.json.", default="runs/run")
 
     def problems(self) -> list[str]:
@@ -375,6 +446,7 @@ class RunConfig:
         if not isinstance(self.output_dir, str) or not self.output_dir:
             out.append(f"output_dir must be a directory path, got {self.output_dir!r}")
         out += self.lora.problems() + self.quant.problems() + self.data.problems() + self.train.problems()
+        out += self.eval.problems()
         return out
 
 

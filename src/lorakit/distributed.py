@@ -83,7 +83,10 @@ def pick_rank_device(name: str) -> torch.device:
     if not launched() or device.type == "cpu":
         return device
     if device.type != "cuda":
-        raise RuntimeError(f"train.device {name!r} resolved to {device}; multi-process training runs on CUDA or CPU")
+        from lorakit.config import ConfigError
+
+        raise ConfigError([f"train.device {name!r} resolved to {device}, but multi-process training runs on CUDA "
+                           f"(nccl) or CPU (gloo); set train.device: cuda or cpu"])
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.generate import GenerationConfig, encode_prompts, generate, model_device, render_chat_prompt
+from lorakit.config import EvalConfig
+from lorakit.generate import encode_prompts, generate, model_device, render_chat_prompt
 from lorakit.lora import adapters_disabled, lora_layers
 
 # Metrics where lower is better; every other metric is a rate in [0, 1] where higher is better.
@@ -520,47 +521,7 @@ def _short(text: str, limit: int = 160) -> str:
 # --------------------------------------------------------------------------- settings
 
 
-def _help(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
-
-
-@dataclass
-class EvalSettings:
-    """What an eval measures beyond the loss (fields documented like config.py's, so they can move there)."""
-
-    generation: GenerationConfig = _help(
-        "Sampling for generation metrics (greedy by default): max_new_tokens, temperature, top_p, top_k, "
-        "repetition_penalty, stop.",
-        default_factory=lambda: GenerationConfig(max_new_tokens=64),
-    )
-    prompts: str | None = _help(
-        'JSONL of {"messages": [...]} or {"prompt": "..."} rows with a "reference" (and optional "label"); '
-        "null = the eval split, prompted up to its first supervised token.",
-        default=None,
-    )
-    max_prompts: int = _help("Prompts generated for (the first N); generation is the slow part.", default=200)
-    schema: str | dict | None = _help("JSON schema (path or mapping) the outputs must satisfy; null = none.", default=None)
-    label_key: str | None = _help("JSON key holding the class in outputs and references (accuracy, macro F1).", default=None)
-    canary: str | None = _help(
-        'Forgetting canary: "builtin", a JSONL of {"prompt", "completion"} rows, or null = off.', default="builtin"
-    )
-    canary_max_increase: float = _help("Flag forgetting when canary perplexity rises by more than this share.", default=0.10)
-    batch_size: int = _help("Rows per generation / loss batch.", default=16)
-    samples: int = _help("Example generations shown in the report (base and tuned side by side).", default=3)
-
-    def problems(self, prefix: str = "eval") -> list[str]:
-        out = self.generation.problems(f"{prefix}.generation")
-        for key in ("max_prompts", "batch_size"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                out.append(f"{prefix}.{key} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.canary_max_increase, (int, float)) or self.canary_max_increase < 0:
-            out.append(f"{prefix}.canary_max_increase must be >= 0 (0.1 = +10% perplexity), got {self.canary_max_increase!r}")
-        for key in ("prompts", "canary"):
-            value = getattr(self, key)
-            if value not in (None, "builtin") and not Path(value).is_file():
-                out.append(f"{prefix}.{key} file {value} does not exist (a JSONL path{', builtin' if key == 'canary' else ''} or null)")
-        return out
+EvalSettings = EvalConfig  # the run config's `eval` section (config.py documents every field)
 
 
 def load_schema(schema: str | dict | None) -> dict[str, Any] | None:
@@ -708,15 +669,13 @@ def _samples(tokenizer: Any, prompts: PromptSet | None, base: list[str], tuned: 
 
 
 def default_settings(config: Any) -> EvalSettings:
-    """The run config's `eval` section when it has one; the demo task's settings for its data."""
-    settings = getattr(config, "eval", None)  # an EvalSettings-shaped section, if config.py grows one
-    if settings is not None:
-        return settings
+    """The run config's `eval` section; for the demo task's data left at defaults, the demo's settings."""
     from lorakit.demo import demo_eval_settings, is_demo_data
 
-    if config.data.train is None or is_demo_data(config.data.train):
+    untouched = config.eval == EvalConfig(at_end=config.eval.at_end)
+    if untouched and (config.data.train is None or is_demo_data(config.data.train)):
         return demo_eval_settings()
-    return EvalSettings()
+    return config.eval
 
 
 def load_for_eval(config: Any, adapter_dir: Path | None) -> tuple[nn.Module, Any]:

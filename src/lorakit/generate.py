@@ -25,43 +25,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from lorakit.config import GenerationConfig
+
 # End-of-turn tokens of common chat templates: ChatML (Qwen, Phi-3.5), Llama-3, Gemma, Phi-3.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
-
-
-@dataclass
-class GenerationConfig:
-    """How new tokens are chosen; the defaults are greedy decoding (reproducible evals)."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-    def problems(self, prefix: str = "generation") -> list[str]:
-        out = []
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            out.append(f"{prefix}.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            out.append(f"{prefix}.temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            out.append(f"{prefix}.top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            out.append(f"{prefix}.top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
-            out.append(f"{prefix}.repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            out.append(f"{prefix}.stop must be a list of non-empty strings, got {self.stop!r}")
-        return out
 
 
 @dataclass

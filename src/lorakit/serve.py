@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hmac
 import json
 import logging
@@ -436,7 +437,9 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any, model_lock: threading.Lock,
                  release: Callable[[Adapter | None], None], max_batch: int = 16, max_waiting: int = 1024,
                  max_prefill_tokens: int = 8192):
-        self.model, self.tokenizer, self.model_lock, self.release = model, tokenizer, model_lock, release
+        # its own tokenizer: handlers encode on the event loop while this thread decodes, and a fast
+        # tokenizer's Rust state is not meant to be shared across threads
+        self.model, self.tokenizer, self.model_lock, self.release = model, copy.deepcopy(tokenizer), model_lock, release
         self.max_batch, self.max_waiting, self.max_prefill_tokens = max_batch, max_waiting, max_prefill_tokens
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -689,6 +692,13 @@ def _integer(body: dict, key: str, default: int | None, low: int, high: int | No
     return value
 
 
+def _flag(body: dict, key: str) -> bool:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise _bad(f"{key} must be true or false, got {value!r}", key)
+    return bool(value)
+
+
 def _stop_strings(body: dict) -> list[str]:
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
@@ -821,8 +831,8 @@ def parse_request(body: dict, state: ServerState, kind: Literal["completion", "c
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise _bad(f"stream_options must be an object, got {_short(options)}", "stream_options")
-    plan = Plan(kind, model, adapter, prompts, config, n, stream=bool(body.get("stream")),
-                include_usage=bool(options.get("include_usage")), ignore_eos=bool(body.get("ignore_eos")))
+    plan = Plan(kind, model, adapter, prompts, config, n, stream=_flag(body, "stream"),
+                include_usage=_flag(options, "include_usage"), ignore_eos=_flag(body, "ignore_eos"))
     fit_max_tokens(plan, asked, state.settings, state.context)
     problems = config.problems("request")
     if problems:
