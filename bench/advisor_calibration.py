@@ -37,15 +37,19 @@ MODELS = {
                  num_key_value_heads=8, vocab_size=8000),
 }
 
-# (model, method, gradient checkpointing, seq len); batch 4, LoRA r=16 all-linear, dropout 0.05
+# (model, method, gradient checkpointing, batch, seq len); LoRA r=16 all-linear, dropout 0.05
 CONFIGS = [
-    (model, method, gc, seq)
+    (model, method, gc, 4, seq)
     for model in ("h256", "h512")
     for method in ("lora", "qlora", "full")
     for gc in (False, True)
     for seq in ((128, 256) if (method == "lora" or not gc) else (256,))
+] + [
+    # larger micro-batches: the loss buffers (and, at 8×1024, the activations) exceed glibc's 32 MiB mmap
+    # threshold, so they are mmapped and returned on free instead of fragmenting the heap
+    ("h256", "lora", False, 8, 512), ("h512", "lora", True, 8, 1024),
 ]
-QUICK = [("h256", "lora", False, 128), ("h256", "qlora", True, 256)]
+QUICK = [("h256", "lora", False, 4, 128), ("h256", "qlora", True, 4, 256)]
 
 
 # --------------------------------------------------------------------------- model directory
@@ -177,11 +181,11 @@ def wait_until_quiet(max_wait: float, threshold: float = 0.1) -> float:
     return share
 
 
-def measure(model_dir: Path, method: str, gc: bool, seq: int, a: argparse.Namespace, out: Path) -> dict:
+def measure(model_dir: Path, method: str, gc: bool, batch: int, seq: int, a: argparse.Namespace, out: Path) -> dict:
     """Run one worker; `contention` is the share of the machine's CPU time that other processes used
     while it ran (0 on a quiet machine). A row measured under contention > 10% is retried."""
     cmd = [sys.executable, __file__, "--worker", "--model-dir", str(model_dir), "--method", method,
-           "--seq", str(seq), "--batch", str(a.batch), "--steps", str(a.steps), "--out", str(out)]
+           "--seq", str(seq), "--batch", str(batch), "--steps", str(a.steps), "--out", str(out)]
     cmd += ["--gc"] if gc else []
     env = dict(os.environ)
     if a.live:  # every large block mmapped and returned on free: RSS follows the live tensors
@@ -241,12 +245,12 @@ def main() -> None:
         configs = QUICK if a.quick else CONFIGS
         if a.only:
             configs = [configs[int(i)] for i in a.only.split(",")]
-        for name, method, gc, seq in configs:
+        for name, method, gc, batch, seq in configs:
             model_dir = make_model_dir(name, root)
-            config = run_config(model_dir, method, gc, seq, a.batch, a.steps, root / "run")
+            config = run_config(model_dir, method, gc, seq, batch, a.steps, root / "run")
             advice = advise(config)
-            measured = measure(model_dir, method, gc, seq, a, root / "run")
-            row = {"config": f"{name} {method}{' +gc' if gc else ''} {a.batch}x{seq}",
+            measured = measure(model_dir, method, gc, batch, seq, a, root / "run")
+            row = {"config": f"{name} {method}{' +gc' if gc else ''} {batch}x{seq}",
                    "pred_mem": advice.peak_memory_bytes, "meas_mem": measured["peak_rss_bytes"],
                    "pred_step": advice.step_time_s, "meas_step": measured["step_s"], "measured": measured,
                    "phases_pred": advice.memory.phases, "allocated_pred": advice.memory.peak_allocated_bytes,

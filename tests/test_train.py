@@ -31,7 +31,7 @@ def make_config(base_dir, tmp_path, *overrides, n=48):
         "data.max_seq_len=32", "data.packing=false", "data.dedup=false", "lora.r=4", "lora.alpha=8",
         "train.micro_batch_size=4", "train.grad_accum=2", "train.max_steps=12", "train.lr=1e-2",
         "train.log_every=1", "train.eval_every=4", "train.save_every=4", "train.warmup_ratio=0.0",
-        "train.gradient_checkpointing=false",
+        "train.gradient_checkpointing=false", "eval.at_end=false",
     ]
     return load_run_config(None, defaults + list(overrides))
 
@@ -121,7 +121,7 @@ def test_mean_of_means_would_differ(base_dir, tmp_path):
 
 def _cli(*args: str, env=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lorakit", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # bitwise: one thread
 
 
 def _write_yaml(config, path: Path) -> Path:
@@ -242,3 +242,14 @@ def test_cli_reports_every_config_problem_at_once(tmp_path):
     for text in ("unknown key lora.alpah; did you mean lora.alpha?", "lora.r must be an integer >= 1, got 0",
                  "train.lr must be a number > 0, got -1", "train.scheduler must be one of cosine, linear, constant"):
         assert text in out, out
+
+
+def test_eval_runs_at_the_end_of_training(base_dir, tmp_path):
+    """eval.at_end: the same code as `lorakit eval`, base (adapters off) vs tuned on the same eval rows."""
+    config = make_config(base_dir, tmp_path, "train.max_steps=16", "eval.at_end=true", "eval.canary=null",
+                         "eval.max_prompts=4", "eval.generation.max_new_tokens=4")
+    result = train_lora(config, progress=False)
+    report = json.loads((result.run_dir / "eval" / "eval.json").read_text())
+    assert report["tuned"]["eval_loss"] < report["base"]["eval_loss"]
+    assert report["tuned"]["eval_loss"] == pytest.approx(result.summary["final_eval_loss"], rel=1e-6)
+    assert {p.name for p in (result.run_dir / "eval").iterdir()} == {"eval.json", "eval.md", "eval.png"}

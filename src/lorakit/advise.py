@@ -76,12 +76,17 @@ kernels) +11 MiB. Every model-dependent term is added to this."""
 CPU_PLOT_BYTES = 32 * MiB
 """matplotlib import + one figure (loss.png at the end of a run), measured: the CPU 'save' phase."""
 
-CPU_HEAP_SLACK = 0.6
-"""glibc keeps freed heap pages: after the first free of a large block it raises its mmap threshold
-(up to 32 MiB), so activations of later steps live in the heap, whose fragmented free space is
-never returned. Peak RSS exceeds the live-tensor peak by about this share of the step's transient
-bytes (activations, loss buffers, gradients in flight); fitted on the h256 rows of
-bench/advisor_calibration.py, checked on the h512 rows. Linux/glibc only."""
+CPU_HEAP_SLACK = 0.9
+"""glibc keeps freed heap pages. After the first free of a large block it raises its mmap threshold (up
+to GLIBC_MMAP_MAX), so from the second step on every tensor below it lives in the heap, and the
+fragmented free space a step leaves is not returned. Peak RSS exceeds the live-tensor peak by about
+this share of the bytes one forward allocates in such tensors (the activations it would save without
+checkpointing + the loss buffers; checkpointing still allocates them, layer by layer). Fitted on the
+h256 rows of bench/advisor_calibration.py (0.92), checked on the h512 rows (live-tensor peaks measured
+separately with MALLOC_MMAP_THRESHOLD_ set: within 3% of the model). Linux/glibc only."""
+
+GLIBC_MMAP_MAX = 32 * MiB
+"""glibc's largest dynamic mmap threshold (64-bit): blocks above it are always mmapped, returned on free."""
 
 CUDA_CONTEXT_BYTES = 500 * MiB
 """CUDA context + cuBLAS/cuDNN workspaces: device memory outside torch.cuda.max_memory_allocated."""
@@ -709,15 +714,15 @@ def memory_model(w: Workload, shape: ModelShape) -> MemoryBreakdown:
     layer_work = (recompute if w.checkpointing else bwd) + dequant
     phases = {
         "load": _load_bytes(w, shape),
-        "forward": resident + grads_held + acts + logits_fwd + dequant + recompute,
+        # checkpointed layers run (each one's activations, then freed) before the loss starts
+        "forward": resident + grads_held + acts + max(logits_fwd, dequant + recompute),
         "backward": resident + max(acts + logits_bwd + grads_held + head_grad,
                                    acts + grads_held + head_grad + layer_work, grads + layer_work + head_grad),
         "optimizer_step": resident + grads + opt_tmp,
         "eval": resident + _eval_bytes(w, shape) + dequant if w.eval_enabled else 0,
         "save": resident,
     }
-    transient = {k: v - resident for k, v in phases.items() if k in ("forward", "backward")}
-    overhead, slack = _overhead(w, phases, transient, terms)
+    overhead, slack = _overhead(w, shape, phases, terms)
     totals = {k: v + overhead + slack.get(k, 0) for k, v in phases.items()}
     if w.device == "cpu":
         totals["save"] += CPU_PLOT_BYTES
@@ -762,20 +767,33 @@ def _eval_bytes(w: Workload, shape: ModelShape) -> int:
     return logits + w.tokens * b * (3 * shape.intermediate + 2 * shape.hidden)
 
 
-def _overhead(w: Workload, phases: dict[str, int], transient: dict[str, int],
+def _overhead(w: Workload, shape: ModelShape, phases: dict[str, int],
               terms: list[MemoryTerm]) -> tuple[int, dict[str, int]]:
+    """(fixed overhead, allocator slack per phase): CPU heap slack in the training phases, CUDA
+    caching-allocator slack in every phase."""
     if w.device == "cpu":
-        slack = {k: int(CPU_HEAP_SLACK * v) for k, v in transient.items()}
+        heap = int(CPU_HEAP_SLACK * _heap_churn(w, shape))
         terms.append(MemoryTerm("framework_overhead", CPU_BASELINE_BYTES,
                                 "interpreter + torch + transformers + first step, measured on this machine"))
-        terms.append(MemoryTerm("allocator_slack", max(slack.values()),
-                                f"glibc heap keeps freed pages: {CPU_HEAP_SLACK:.0%} of the step's transient bytes"))
-        return CPU_BASELINE_BYTES, slack
+        terms.append(MemoryTerm("allocator_slack", heap, f"glibc heap keeps freed pages: {CPU_HEAP_SLACK:.0%} of "
+                                "the bytes a forward allocates in blocks below the 32 MiB mmap threshold"))
+        return CPU_BASELINE_BYTES, {"forward": heap, "backward": heap}
     peak = max(phases.values())
     slack = int(CUDA_ALLOCATOR_SLACK * peak)
     terms.append(MemoryTerm("framework_overhead", CUDA_CONTEXT_BYTES, "CUDA context and library workspaces"))
     terms.append(MemoryTerm("allocator_slack", slack, f"caching allocator: {CUDA_ALLOCATOR_SLACK:.0%} of the peak"))
     return CUDA_CONTEXT_BYTES, {k: int(CUDA_ALLOCATOR_SLACK * v) for k, v in phases.items()}
+
+
+def _heap_churn(w: Workload, shape: ModelShape) -> int:
+    """Bytes one forward allocates in tensors small enough for the heap: the activations it would save
+    without checkpointing (largest tensor ~ N·max(d, i)·4 B) and the loss buffers (~ 4·V·N each)."""
+    unchecked = dataclasses.replace(w, checkpointing=False)
+    largest_activation = w.tokens * max(shape.hidden, shape.intermediate, shape.q_dim) * 4
+    churn = activation_bytes(unchecked, shape) if largest_activation < GLIBC_MMAP_MAX else 0
+    if 4 * shape.vocab * w.tokens < GLIBC_MMAP_MAX:
+        churn += logits_bytes(w, shape)[0]
+    return churn
 
 
 # --------------------------------------------------------------------------- time: calibration

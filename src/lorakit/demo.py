@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lorakit.atomic import atomic_directory, atomic_file
-from lorakit.config import DataConfig, LoraConfig, RunConfig, TrainConfig
+from lorakit.config import DataConfig, EvalConfig, LoraConfig, RunConfig, TrainConfig
 
 if TYPE_CHECKING:
     from lorakit.evaluate import EvalSettings
@@ -454,5 +454,6 @@ def demo_run_config(output_dir: str | Path = "runs/demo") -> RunConfig:
             max_steps=150, micro_batch_size=8, grad_accum=1, lr=3e-3, warmup_steps=10, scheduler="cosine",
             eval_every=50, save_every=75, gradient_checkpointing=False, log_every=10, seed=0, dtype="float32",
         ),
+        eval=EvalConfig(at_end=False),  # the quickstart runs and prints its own eval step
         output_dir=str(output_dir),
     )

@@ -511,7 +511,29 @@ def _train(config: RunConfig, device: torch.device, resume: bool, progress: bool
     run_loop(loop)
     adapter_dir = save_outputs(loop, fingerprint)
     summary = write_summary(loop, adapter_dir, device)
-    return TrainResult(run_dir, adapter_dir, summary, model, tokenizer, rank())
+    result = TrainResult(run_dir, adapter_dir, summary, model, tokenizer, rank())
+    if config.eval.at_end:
+        evaluate_at_end(result, config, progress)
+    return result
+
+
+def evaluate_at_end(result: TrainResult, config: RunConfig, progress: bool) -> None:
+    """`lorakit eval` on the trained model in memory (base = adapters disabled): eval/eval.{md,json,png}.
+
+    NOTE: single-process LoRA/QLoRA only. Full fine-tuning has no adapter to disable for the base side,
+    and under torchrun the model is wrapped on every rank: there, run `lorakit eval CONFIG` afterwards."""
+    if config.method == "full" or world_size() > 1:
+        if is_main():
+            print(f"eval.at_end: skipped ({'full fine-tuning' if config.method == 'full' else 'multi-process run'}); "
+                  f"run `lorakit eval {result.run_dir / 'config.yaml'}`", file=sys.stderr)
+        return
+    from lorakit.evaluate import evaluate_run
+
+    report = evaluate_run(config, result.adapter_dir, result.run_dir / "eval", model=result.model,
+                          tokenizer=result.tokenizer, progress=progress)
+    result.summary["eval"] = report.json
+    if progress:
+        print(report.markdown, file=sys.stderr)
 
 
 def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
@@ -710,4 +732,6 @@ def format_summary(result: TrainResult) -> str:
         f"{'model' if result.adapter_dir and result.adapter_dir.name == 'model' else 'adapter'}: {result.adapter_dir}",
         f"metrics: {d / 'metrics.jsonl'}   plot: {d / 'loss.png'}   summary: {d / 'summary.json'}",
     ]
+    if (d / "eval" / "eval.md").is_file():
+        lines.append(f"eval (base vs tuned): {d / 'eval' / 'eval.md'}")
     return "\n".join(lines)
