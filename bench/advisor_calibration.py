@@ -291,18 +291,18 @@ PUBLISHED = [
     # bf16 (adapters too), 8-chunk cross-entropy. LoRA: q, v, output + MLP; QLoRA: q, k, v, output + MLP.
     dict(source="torchtune", label="Llama-3.1-8B LoRA, RTX 4090, 2×2048 packed", family="llama-3-8b",
          method="lora", targets=["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], r=8,
-         dropout=0.0, batch=2, seq=2048, gc=True, masked=True, gpu="RTX 4090", chunks=8,
+         dropout=0.0, batch=2, seq=2048, gc=True, masked=True, gpu="RTX 4090", loss="compiled", chunks=8,
          memory=16.2 * 2**30, tokens_per_s=3083),
     dict(source="torchtune", label="Llama-3.1-8B QLoRA, RTX 4090, 2×2048 packed", family="llama-3-8b",
          method="qlora", targets="all-linear", r=8, dropout=0.0, batch=2, seq=2048, gc=True, masked=True,
-         gpu="RTX 4090", chunks=8, memory=7.4 * 2**30, tokens_per_s=2413),
+         gpu="RTX 4090", loss="compiled", chunks=8, memory=7.4 * 2**30, tokens_per_s=2413),
     # LitGPT tutorials/resource-tables.md (Oct 2023, A100-40GB, bf16-true, finetune/lora.py): r=8, alpha=16,
     # dropout 0.05 on q and v only, no checkpointing, lm-head/loss chunked by 128 tokens, micro-batch of the
     # longest Alpaca example (1304 Llama-2 tokens, unpadded: plain causal attention). "Max GPU RAM" is
     # torch.cuda.max_memory_allocated() in GB.
     *[dict(source="LitGPT", label=f"Llama-2-{size} LoRA{q}, A100, micro-batch {mb}", family=f"llama-2-{size.lower()}",
            method="qlora" if q else "lora", double_quant=q == " nf4-dq", targets=["q_proj", "v_proj"], r=8,
-           dropout=0.05, batch=mb, seq=1304, gc=False, masked=False, gpu="A100-40GB", chunks=11, memory=mem * GB)
+           dropout=0.05, batch=mb, seq=1304, gc=False, masked=False, gpu="A100-40GB", loss="logits", chunks=11, memory=mem * GB)
       for size, q, mb, mem in [("7B", "", 1, 21.30), ("7B", " nf4", 1, 14.14), ("7B", " nf4-dq", 1, 13.84),
                                ("7B", "", 2, 29.07), ("13B", "", 1, 38.12), ("13B", " nf4", 1, 23.14),
                                ("13B", " nf4-dq", 1, 22.55)]],
@@ -330,7 +330,7 @@ def published_predictions() -> list[dict]:
                                              device="cuda", dtype="bfloat16"))
         shape = model_shape(p["family"])
         ours = resolve_workload(config, shape, "cuda", masked=p["masked"])
-        theirs = dataclasses.replace(ours, adapter_bytes=2, loss_chunks=p["chunks"])
+        theirs = dataclasses.replace(ours, adapter_bytes=2, loss=p["loss"], loss_chunks=p["chunks"])
         row = dict(p, lorakit=_training_peak(memory_model(ours, shape)),
                    framework=_training_peak(memory_model(theirs, shape)))
         if p["source"] == "LitGPT" and p["method"] == "qlora":  # bnb's MatMul4Bit saves x: b·(d + d + i) per token

@@ -174,6 +174,8 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write the raw results here")
     p.add_argument("--render", type=Path, nargs="+", help="render these JSON runs instead of measuring")
     p.add_argument("--results", type=Path, help=f"markdown file whose '{SECTION}' section to write")
+    p.add_argument("--profile", type=Path, help="JSON from bench/profile_train.py to include")
+    p.add_argument("--notes", type=Path, help="markdown (findings, limits) to put after the goals")
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     from report import render, upsert_section
@@ -182,7 +184,8 @@ def main() -> None:
     if args.json and not args.render:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(runs[0], indent=1, default=str))
-    section = render(runs, flops_per_token)
+    profile = json.loads(args.profile.read_text()) if args.profile else None
+    section = render(runs, flops_per_token, profile, args.notes.read_text() if args.notes else "")
     print(section)
     if args.results:
         upsert_section(args.results, SECTION, section)

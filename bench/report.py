@@ -120,30 +120,32 @@ def quantize_table(run: dict) -> list[str]:
 
 def goals(runs: list[dict], flops_fn: Callable) -> list[str]:
     """The issue's goals, each a ratio measured side by side, for every run."""
-    def lk(**kw):
-        return dict(kind="train", stack="lorakit", gc=False, **kw)
+    def lk(method, gc=False, stack="lorakit"):
+        return dict(kind="train", stack=stack, method=method, gc=gc)
 
     def util(run):
         ceil, flops = ceilings(run), flops_fn(run["config"], run["args"]["seq"], "lora", False, 16)
-        return [r["tokens_per_s"] * flops / ceil[r["repeat"]] for r in rows(run, **lk(method="lora"))]
+        return [r["tokens_per_s"] * flops / ceil[r["repeat"]] for r in rows(run, **lk("lora"))]
 
+    def gc_costs(run):
+        return [float(x.rstrip("×")) for x in gc_cost(run, lk("lora", True)).split(" / ") if x and x != "failed"]
+
+    tps, rss = "tokens_per_s", "peak_rss"
     checks = [
-        ("QLoRA tokens/s ÷ lorakit LoRA tokens/s", ">= 0.9",
-         lambda r: ratios(r, "tokens_per_s", lk(method="qlora"), lk(method="lora")), 0.9, True),
+        ("QLoRA tokens/s ÷ lorakit LoRA tokens/s", ">= 0.9", lambda r: ratios(r, tps, lk("qlora"), lk("lora")), 0.9, True),
+        ("same, both with GC", ">= 0.9", lambda r: ratios(r, tps, lk("qlora", True), lk("lora", True)), 0.9, True),
         ("QLoRA tokens/s ÷ PEFT + bnb QLoRA", ">= 4",
-         lambda r: ratios(r, "tokens_per_s", lk(method="qlora"), dict(lk(method="qlora"), stack="peft")), 4, True),
+         lambda r: ratios(r, tps, lk("qlora"), lk("qlora", stack="peft")), 4, True),
         ("QLoRA peak RSS ÷ PEFT + bnb QLoRA peak", "<= 1",
-         lambda r: ratios(r, "peak_rss", lk(method="qlora"), dict(lk(method="qlora"), stack="peft")), 1, False),
-        ("QLoRA peak RSS ÷ lorakit fp32 LoRA peak", "<= 0.5",
-         lambda r: ratios(r, "peak_rss", lk(method="qlora"), lk(method="lora")), 0.5, False),
+         lambda r: ratios(r, rss, lk("qlora"), lk("qlora", stack="peft")), 1, False),
+        ("QLoRA peak RSS ÷ lorakit fp32 LoRA peak", "<= 0.5", lambda r: ratios(r, rss, lk("qlora"), lk("lora")), 0.5, False),
         ("QLoRA peak RSS ÷ PEFT fp32 LoRA peak", "<= 0.5",
-         lambda r: ratios(r, "peak_rss", lk(method="qlora"), dict(lk(method="lora"), stack="peft")), 0.5, False),
-        ("LoRA tokens/s ÷ PEFT LoRA", ">= 1.1",
-         lambda r: ratios(r, "tokens_per_s", lk(method="lora"), dict(lk(method="lora"), stack="peft")), 1.1, True),
+         lambda r: ratios(r, rss, lk("qlora"), lk("lora", stack="peft")), 0.5, False),
+        ("QLoRA + GC (lorakit's default) peak ÷ lorakit fp32 LoRA peak", "<= 0.5",
+         lambda r: ratios(r, rss, lk("qlora", True), lk("lora")), 0.5, False),
+        ("LoRA tokens/s ÷ PEFT LoRA", ">= 1.1", lambda r: ratios(r, tps, lk("lora"), lk("lora", stack="peft")), 1.1, True),
         ("LoRA share of the fp32 matmul ceiling", ">= 0.9", util, 0.9, True),
-        ("LoRA with GC: extra step time ÷ one forward", "<= 1",
-         lambda r: [float(x.rstrip("×")) for x in gc_cost(r, lk(method="lora") | {"gc": True}).split(" / ")
-                    if x and x != "failed"], 1, False),
+        ("LoRA with GC: extra step time ÷ one forward", "<= 1", gc_costs, 1, False),
     ]
     lines = ["| goal | target | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " | met |",
              "| --- | --- | " + " | ".join("---" for _ in runs) + " | --- |"]
@@ -156,7 +158,22 @@ def goals(runs: list[dict], flops_fn: Callable) -> list[str]:
     return lines + ["", "Each cell: the range over repetitions (lorakit and the reference ran back to back in each)."]
 
 
-def render(runs: list[dict], flops_fn: Callable) -> str:
+def profile_table(profile: dict) -> list[str]:
+    """One profiled step per case (bench/profile_train.py): share of self CPU time by kind of op."""
+    cats = ["matmul", "attention", "loss", "NF4 dequantize", "other"]
+    lines = [f"### Where a step's time goes ({profile['model']} model, torch.profiler, one step after a warm-up)", "",
+             f"Command: `{profile['command']}`", "",
+             "| stack | method | step CPU time | " + " | ".join(cats) + " | matmul GFLOP/s |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in cats) + " | --- |"]
+    for c in profile["cases"]:
+        t = c["times"]
+        shares = " | ".join(f"{100 * t.get(k, 0.0) / c['total_s']:.1f}%" for k in cats)
+        name = NAMES[c["stack"]] if c["stack"] == "lorakit" else REFERENCE[c["method"]]
+        lines.append(f"| {name} | {c['method']} | {c['total_s']:.2f} s | {shares} | {c['matmul_gflops']:.0f} |")
+    return lines + [""]
+
+
+def render(runs: list[dict], flops_fn: Callable, profile: dict | None = None, notes: str = "") -> str:
     first = runs[0]
     m, a = first["config"], first["args"]
     lines = [
@@ -170,6 +187,10 @@ def render(runs: list[dict], flops_fn: Callable) -> str:
         "### Goals", "",
         *goals(runs, flops_fn), "",
     ]
+    if notes:
+        lines += [notes.strip(), ""]
+    if profile:
+        lines += profile_table(profile)
     for i, run in enumerate(runs, 1):
         lines += header(run, i) + train_table(run, flops_fn) + generate_table(run) + quantize_table(run)
     return "\n".join(lines).rstrip() + "\n"

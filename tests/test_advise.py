@@ -223,15 +223,22 @@ def test_layer_activation_bytes_match_saved_tensors(tiny_dir, method, dropout, m
 @pytest.mark.parametrize("gc", [False, True])
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_model_activation_bytes_match_saved_tensors(tiny_dir, method, gc):
-    """The whole forward: layers + the first layer's frozen input + final norm (+ the head for full).
-    Under checkpointing autograd saves only each layer's input; rotary cos/sin and the bool mask are
-    then held by the checkpoints rather than saved, and are added back here."""
+    """The whole forward + loss as lorakit trains (lorakit.loss: no logits): the layers, the first layer's
+    frozen input, the final norm (+ for full its x̂, the head's input and the embedding's ids), and what
+    the loss saves: ∂L/∂h (B·(T-1), d), its row index and, when the head trains, ∂L/∂W (V, d). Under checkpointing autograd saves only
+    each layer's input; rotary cos/sin and the bool mask are then held by the checkpoints, not saved."""
+    from lorakit.loss import causal_lm_loss_sum
+
     config = run_config(tiny_dir, method, gc=gc)
     model = real_model(config)
-    measured = saved_bytes(lambda: model(**batch(masked=True)), [*model.parameters(), *model.buffers()])
+    inputs = batch(masked=True)
+    measured = saved_bytes(lambda: causal_lm_loss_sum(model, inputs, inputs["input_ids"]),
+                           [*model.parameters(), *model.buffers()])
     w, shape = predicted(config, masked=True)
-    rope_and_mask = 2 * 4 * shape.head_dim * T + B * T * T
-    assert A.activation_bytes(w, shape) == measured + (rope_and_mask if gc else B * T * T)
+    assert w.loss == "linear_ce"
+    loss_saved = (4 * shape.hidden + 8) * B * (T - 1) + (4 * shape.vocab * shape.hidden if method == "full" else 0)
+    not_saved = B * T * T + (2 * 4 * shape.head_dim * T if gc else 0)
+    assert A.activation_bytes(w, shape) + loss_saved == measured + not_saved
 
 
 # --------------------------------------------------------------------------- the models as a whole

@@ -464,9 +464,11 @@ class Workload:
     mmap_checkpoint: bool  # CPU load maps the safetensors file without a copy (same dtype)
     # How lorakit trains; bench/advisor_calibration.py changes these to predict other frameworks' published runs.
     adapter_bytes: int = 4  # LoRA A and B are fp32 (nn.Linear's default dtype), whatever the base's dtype
-    loss_chunks: int = 1  # the (B, T-1, V) logits are upcast and log-softmaxed at once (torchtune: 8 chunks)
-    fused_loss: bool = False  # True: the loss saves its input logits + log-sum-exp, not an fp32 log-softmax
-    # (torch.compile'd or fused cross-entropy kernels)
+    # linear_ce: lorakit.loss's head + cross-entropy in 32 MiB row chunks, no (B, T, V) logits (plain heads of
+    # the architectures in lorakit.loss.FUSED_MODEL_TYPES); logits: HF logits + F.cross_entropy (in
+    # loss_chunks chunks); compiled: logits, but the loss saves them, not an fp32 log-softmax (torch.compile)
+    loss: Literal["linear_ce", "logits", "compiled"] = "logits"
+    loss_chunks: int = 1
 
     @property
     def tokens(self) -> int:
@@ -495,12 +497,23 @@ def resolve_workload(config: RunConfig, shape: ModelShape, device: str | None = 
         extra = (shape.head,) if shape.head is not None and shape.head.name in names else ()
     stored = {"float32": 4, "bfloat16": 2, "float16": 2}.get(shape.checkpoint_dtype or "", 0)
     return Workload(
+        loss="linear_ce" if _fused_loss(config, shape, extra) else "logits",
         method=config.method, device=dev, compute_bytes=compute, load_bytes=load,
         micro_batch=tc.micro_batch_size, seq_len=config.data.max_seq_len, grad_accum=tc.grad_accum,
         checkpointing=tc.gradient_checkpointing, lora=config.lora, quant=config.quant, optimizer=tc.optimizer,
         masked=masked, task=config.task, eval_enabled=True, lora_targets=targets, extra_targets=extra,
         mmap_checkpoint=dev == "cpu" and stored == load and Path(config.base_model).is_dir(),
     )
+
+
+def _fused_loss(config: RunConfig, shape: ModelShape, extra_targets: tuple[Linear, ...]) -> bool:
+    """Whether lorakit.train computes the loss with lorakit.loss's chunked linear cross-entropy: a
+    causal LM of a listed architecture whose head stays a plain nn.Linear (no adapter on it)."""
+    try:
+        from lorakit.loss import FUSED_MODEL_TYPES
+    except ImportError:  # an older lorakit: logits + F.cross_entropy
+        return False
+    return config.task == "causal_lm" and shape.model_type in FUSED_MODEL_TYPES and not extra_targets
 
 
 def _auto_device(name: str) -> str:
@@ -550,43 +563,56 @@ def weight_bytes(w: Workload, shape: ModelShape) -> tuple[int, str]:
 
 def layer_activation_bytes(w: Workload, shape: ModelShape) -> int:
     """Bytes autograd saves per token in one decoder layer (see the module docstring for each part)."""
+    return sum(layer_saved_tensors(w, shape))
+
+
+def layer_saved_tensors(w: Workload, shape: ModelShape) -> list[int]:
+    """Per-token bytes of each tensor one decoder layer saves for backward (a tensor holds N times that):
+    the sizes matter on CPU, where glibc treats blocks above GLIBC_MMAP_MAX differently."""
     b, d, i = w.compute_bytes, shape.hidden, shape.intermediate
     dq, dkv, full = shape.q_dim, shape.kv_dim, w.method == "full"
-    total = shape.norms_per_layer * (4 * d + 4 + (b * d if full else 0))
+    saved = shape.norms_per_layer * ([4 * d, 4] + ([b * d] if full else []))  # fp32 input, rsqrt (+ x̂)
     kv = dq if (w.masked and shape.kv_heads < shape.heads) else dkv
-    total += b * (2 * dq + 2 * kv) + 4 * shape.heads
+    saved += [b * dq, b * kv, b * kv, b * dq, 4 * shape.heads]  # q, k, v, output, logsumexp
     if w.masked:
-        total += b * w.seq_len  # the (B,1,T,T) bool mask, converted to the compute dtype per layer
+        saved.append(b * w.seq_len)  # the (B,1,T,T) bool mask, converted to the compute dtype per layer
     if shape.attn_impl == "eager":
-        total += 2 * b * shape.heads * w.seq_len  # softmax probabilities (+ their dropout/softcap input)
-    total += (3 if shape.gated_mlp else 1) * b * i
-    return total + linear_input_bytes(w, shape)
+        saved += [b * shape.heads * w.seq_len] * 2  # softmax probabilities (+ their dropout/softcap input)
+    saved += [b * i] * (3 if shape.gated_mlp else 1)
+    return saved + linear_inputs_saved(w, shape)
 
 
 def linear_input_bytes(w: Workload, shape: ModelShape) -> int:
     """Inputs saved for the weight gradient (full) or by the LoRA path, per token per layer."""
+    return sum(linear_inputs_saved(w, shape))
+
+
+def linear_inputs_saved(w: Workload, shape: ModelShape) -> list[int]:
+    """Per-token bytes of each linear-layer input saved (full: for the weight gradient; LoRA: by the adapter)."""
     width = {"attn_in": shape.hidden, "attn_out": shape.q_dim, "mlp_in": shape.hidden, "mlp_mid": shape.intermediate}
     if w.method == "full":  # each distinct input once; the attention output is SDPA's, already saved
         sites = {lin.site for lin in shape.layer_linears} - {"attn_out"}
-        return sum(w.compute_bytes * width[s] for s in sites)
-    a, total, shared = w.adapter_bytes, 0, set()
+        return [w.compute_bytes * width[s] for s in sorted(sites)]
+    a, saved, shared = w.adapter_bytes, [], set()
     for t in w.lora_targets:
-        total += a * w.lora.r  # A's output, saved by B
+        saved.append(a * w.lora.r)  # A's output, saved by B
         if w.lora.dropout > 0:  # the mask (CPU: a float noise tensor, CUDA: bool) and the dropped x
-            total += (2 * a if w.device == "cpu" else 1 + a) * t.in_features
+            saved += [a * t.in_features] * 2 if w.device == "cpu" else [t.in_features, a * t.in_features]
         elif w.compute_bytes == a:  # x.to(a) is x itself: one saved tensor per input site
             if t.site not in shared and t.site != "attn_out":
-                total += a * width[t.site]
+                saved.append(a * width[t.site])
             shared.add(t.site)
         else:  # each target makes its own copy of x in the adapter's dtype
-            total += a * t.in_features
-    return total
+            saved.append(a * t.in_features)
+    return saved
 
 
 def head_activation_bytes(w: Workload, shape: ModelShape) -> int:
     """Saved outside the layers, per token: the final norm's fp32 input and rsqrt; full fine-tuning adds
     the normalized x (for the norm's weight gradient), the head's input and the embedding's int64 ids."""
     b, d = w.compute_bytes, shape.hidden
+    # NOTE: with lorakit.loss the trainable head runs on an empty view of its input, which still holds
+    # the whole (B, T, d) storage: the same bytes as saving the input.
     return 4 * d + 4 + (2 * b * d + 8 if w.method == "full" else 0)
 
 
@@ -617,17 +643,29 @@ def activation_bytes(w: Workload, shape: ModelShape) -> int:
 
 
 def logits_bytes(w: Workload, shape: ModelShape) -> tuple[int, int]:
-    """(forward, backward) bytes of the loss, N' = B·(T-1) shifted positions, C = loss_chunks:
-    forward  b·V·N logits + the fp32 copy of the shifted logits 4·V·N'/C + log-softmax 4·V·N' (saved);
-    backward the saved log-softmax 4·V·N' + its gradient and the input gradient 8·V·N'/C.
-    lorakit (C = 1): b·V·N + 8·V·N' forward, 12·V·N' backward. A fused loss saves the logits themselves
-    (and a log-sum-exp per row): b·V·N + 4·V·N'/C forward, 2·b·V·N' + 8·V·N'/C backward."""
+    """(forward, backward) bytes of the loss. N' = B·(T-1) shifted positions, C = loss_chunks.
+
+    linear_ce  forward: the supervised rows of h and ∂L/∂h, (2·b·d + 8)·N', one fp32 chunk of logits (32 MiB,
+               turned into its gradient in place) and, when the head trains, ∂L/∂W (V·d); backward:
+               ∂L/∂h twice (saved, scaled) and ∂L/∂W once more. No (N, V) tensor at all.
+    logits     forward: b·V·N logits + the fp32 copy of the shifted logits 4·V·N'/C + log-softmax
+               4·V·N' (saved); backward: the saved log-softmax + its gradient and the input gradient
+               8·V·N'/C. C = 1: b·V·N + 8·V·N' forward, 12·V·N' backward.
+    compiled   saves the logits (and a log-sum-exp per row): b·V·N + 4·V·N'/C forward, 2·b·V·N' +
+               8·V·N'/C backward."""
     if w.task != "causal_lm":
         return 0, 0
-    v, n, c, b = shape.vocab, w.tokens, w.loss_chunks, w.compute_bytes
+    v, n, c, b, d = shape.vocab, w.tokens, w.loss_chunks, w.compute_bytes, shape.hidden
     n_shift = w.micro_batch * (w.seq_len - 1)
+    if w.loss == "linear_ce":
+        from lorakit.loss import ROW_CHUNK_BYTES
+
+        chunk = min(max(1, ROW_CHUNK_BYTES // (4 * v)), n_shift) * v * 4
+        head_grad = v * d * w.load_bytes if w.method == "full" else 0
+        rows = (2 * b * d + 8) * n_shift  # h's supervised rows, ∂L/∂h and the int64 row index
+        return rows + chunk + head_grad, rows + head_grad
     chunk = 4 * v * n_shift // c
-    if w.fused_loss:
+    if w.loss == "compiled":
         return b * v * n + chunk, 2 * b * v * n_shift + 2 * chunk
     return b * v * n + 4 * v * n_shift + chunk, 4 * v * n_shift + 2 * chunk
 
@@ -786,12 +824,13 @@ def _overhead(w: Workload, shape: ModelShape, phases: dict[str, int],
 
 
 def _heap_churn(w: Workload, shape: ModelShape) -> int:
-    """Bytes one forward allocates in tensors small enough for the heap: the activations it would save
-    without checkpointing (largest tensor ~ N·max(d, i)·4 B) and the loss buffers (~ 4·V·N each)."""
-    unchecked = dataclasses.replace(w, checkpointing=False)
-    largest_activation = w.tokens * max(shape.hidden, shape.intermediate, shape.q_dim) * 4
-    churn = activation_bytes(unchecked, shape) if largest_activation < GLIBC_MMAP_MAX else 0
-    if 4 * shape.vocab * w.tokens < GLIBC_MMAP_MAX:
+    """Bytes one forward allocates in tensors below GLIBC_MMAP_MAX: the activations it would save without
+    checkpointing (tensor by tensor) and, with the logits loss, the loss buffers (~ 4·V·N each)."""
+    n = w.tokens
+    per_layer = sum(n * t for t in layer_saved_tensors(dataclasses.replace(w, checkpointing=False), shape)
+                    if n * t < GLIBC_MMAP_MAX)
+    churn = shape.layers * per_layer
+    if w.loss != "linear_ce" and 4 * shape.vocab * n < GLIBC_MMAP_MAX:
         churn += logits_bytes(w, shape)[0]
     return churn
 
