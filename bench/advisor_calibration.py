@@ -8,12 +8,17 @@ synthetic rows of exactly `seq` tokens, the last row padded by 8 tokens (so the 
 materialized, as with real padded or packed data). The prediction comes from `lorakit.advise` given
 the same RunConfig.
 
-    python bench/advisor_calibration.py                    # the 16-configuration table (~4 min on 2 cores)
+    python bench/advisor_calibration.py                    # the 22-configuration table (~10 min on 2 idle cores)
     python bench/advisor_calibration.py --quick            # 2 configurations
+    python bench/advisor_calibration.py --live             # RSS ~ live tensors (glibc mmap threshold fixed)
+    python bench/advisor_calibration.py --published        # predictions for published GPU measurements
     python bench/advisor_calibration.py --markdown out.md  # also write the table as markdown
 
 Measured step time is the median of the steps after the first (the first pays one-time costs:
-optimizer-state allocation, allocator growth); memory is the peak RSS of the worker process (VmHWM; see `peak_rss`).
+optimizer-state allocation, allocator growth); memory is the peak RSS of the worker process (VmHWM;
+see `peak_rss`). Timings need an otherwise idle machine: before each run the driver waits until other
+processes use < 10% of the CPUs, records the share they used during the run ('other load'), and
+repeats a run measured under more than 10%.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import time
 from pathlib import Path
 
 MODELS = {
+    "nano": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2, vocab_size=256),  # negligible: measures CPU_BASELINE_BYTES
     # hidden 256 / 4 layers with grouped-query attention (4 query heads share 2 KV heads)
     "h256": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=8000),
@@ -216,7 +223,7 @@ def main() -> None:
     p.add_argument("--method", default="lora")
     p.add_argument("--gc", action="store_true")
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--quick", action="store_true", help="two configurations only")
     p.add_argument("--markdown", type=Path, help="write the comparison table here")
@@ -257,7 +264,7 @@ def main() -> None:
                    "terms": {t.name: t.bytes for t in advice.memory.terms}, "time_parts": advice.time.parts}
             rows.append(row)
             print(format_row(row), flush=True)
-    table = render(rows, a)
+    table = render(rows, a) + "\n\n" + render_published(published_predictions())
     print(table)
     if a.markdown:
         a.markdown.write_text(table + "\n")

@@ -7,21 +7,26 @@ Three parts, all from the model's shapes (config.json only; a `meta`-device mode
    micro-batch × accumulation for an effective batch of 16–64), ending in a ready-to-run YAML config.
 
 2. **Memory**: the peak over the phases of a run (load, forward, backward, optimizer step, eval, save)
-   of these terms, each in bytes (N = B·T tokens per micro-batch, b = compute-dtype bytes):
+   of these terms, each in bytes (N = B·T tokens per micro-batch, N' = B·(T-1), b = compute-dtype bytes,
+   a = adapter bytes: 4, lorakit's LoRA factors are fp32):
 
        weights        Σ storage: fp32/bf16 = 4/2 bytes per weight; NF4 = n/2 + 4·⌈n/64⌉ (absmax) or with
                       double quant n/2 + ⌈n/64⌉ + 4·⌈n/64/256⌉ + 4; embeddings, norms, lm_head unquantized
-       trainable      LoRA A, B: r·(in+out) per target, fp32 (nn.Linear's default dtype), or all weights (full)
+       trainable      LoRA A, B: r·(in+out) per target, in a bytes, or all weights (full)
        gradients      one per trainable parameter, in its dtype
        AdamW states   exp_avg + exp_avg_sq: 2 per trainable parameter, in its dtype (8-bit: 1 byte each)
-       activations    L · N · s_layer (+ the head's), what autograd saves; with gradient checkpointing
-                      L · N · b·d (each layer's input) plus one layer's s_layer, recomputed in backward
-       logits + loss  the usual surprise: b·V·N logits, an fp32 upcast 4·V·N, log-softmax 4·V·N, and in
-                      backward its gradient and the input gradient: 12·V·N bytes at the loss
-       overhead       CPU: interpreter + torch + transformers + this code path's first step, measured here;
-                      GPU: CUDA context (~500 MiB) + caching-allocator slack
+       activations    L · N · s_layer + N · (final norm 4d + 4; full: + x̂, the head's input, ids), what
+                      autograd saves; the first layer's input needs no gradient under LoRA (its norm and
+                      dropout masks save nothing); with gradient checkpointing L · N · b·d (each layer's
+                      input) plus one layer's s_layer, recomputed in backward
+       loss           lorakit.loss (Llama-like heads): no logits at all, (2·b·d + 8)·N' for the rows of h
+                      and ∂L/∂h + 2 × a 32 MiB chunk of fp32 logits (+ ∂L/∂W when the head trains); the
+                      plain logits path: b·V·N logits + 4·V·N' fp32 copy + 4·V·N' log-softmax, then 12·V·N'
+                      in backward -- the usual surprise
+       overhead       CPU: interpreter + torch + transformers + this code path's first step, measured here,
+                      and glibc heap slack (CPU_HEAP_SLACK); GPU: CUDA context + caching-allocator slack
 
-   s_layer, per token, for a Llama block with fused SDPA attention (verified tensor by tensor with
+   s_layer, per token, for a Llama block with fused SDPA attention (checked tensor by tensor with
    `saved_tensors_hooks` in tests/test_advise.py):
 
        2 RMSNorms       2·(4d + 4)          fp32 input (RMSNorm upcasts) + rsqrt;  + 2·b·d when norms train
@@ -31,17 +36,19 @@ Three parts, all from the model's shapes (config.json only; a `meta`-device mode
                                             converted to a float mask per layer: + b·T
        gated MLP        3·b·i               act(gate) input, its output, up (the product's operands)
        linear inputs    full: b·in per distinct input (attention output already counted);
-                        LoRA: per target 4·in (fp32 copy for the fp32 adapter; shared between targets when
-                        compute is fp32), with dropout 8·in on CPU (fp32 noise + output) or 5·in on CUDA
-                        (bool mask + output); + 4·r (A's output, saved by B)
+                        LoRA: per target a·in (x in the adapter's dtype; one tensor per input site when
+                        b = a), with dropout 2a·in on CPU (noise + output) or (1 + a)·in on CUDA (bool
+                        mask + output); + a·r (A's output, saved by B)
 
-3. **Time**: FLOPs per token over a measured matmul rate. Forward 2·P over the matmul weights P
-   (decoder linears + lm_head) + 4·T·dq per layer for attention scores and values; backward 2·P for
-   input gradients (frozen weights too) + 2·P weight gradients when training in full, attention ×2.5
-   (flash backward recomputes the scores); + the forward again under checkpointing; LoRA 6·r·(in+out)
-   per target; QLoRA adds two (three with checkpointing) dequantizations of every 4-bit weight per
-   micro-batch. Elementwise work, AdamW and the dequantization are timed by memory traffic and by a
-   calibration measured once per device and dtype (~2 s) and cached in ~/.cache/lorakit/calibration.json.
+3. **Time**: FLOPs per token over measured rates. Forward 2·P over the matmul weights P (decoder
+   linears + lm_head) + 4·T·dq per layer for attention scores and values; backward 2·P for input
+   gradients (frozen weights too) + 2·P weight gradients when training in full, attention ×2.5 (flash
+   backward recomputes the scores); + the forward again under checkpointing; LoRA 6·r·(in+out) per
+   target; QLoRA adds two (three with checkpointing) dequantizations of every 4-bit weight per
+   micro-batch. Matmuls use the calibrated GEMM rate at their smaller dimension, attention the calibrated
+   SDPA rate; elementwise work by memory traffic; the loss, dropout masks, dequantization, AdamW and op
+   dispatch by their calibrated per-element costs. The calibration (`calibrate`, ~3 s) is measured once
+   per device, dtype and torch version and cached in ~/.cache/lorakit/calibration.json.
 """
 
 from __future__ import annotations
@@ -67,11 +74,12 @@ GiB, MiB = 2**30, 2**20
 
 # --------------------------------------------------------------------------- constants (measured or assumed)
 
-CPU_BASELINE_BYTES = 358 * MiB
-"""Peak RSS of lorakit's training path with a negligible model (hidden 32, 1 layer, 8 tokens), measured on
-this machine (torch 2.13, transformers 5.23, Python 3.11, 2 cores): interpreter + torch + transformers
-imports 224 MiB, from_pretrained/tokenizer machinery +123 MiB, first training step (thread pools,
-kernels) +11 MiB. Every model-dependent term is added to this."""
+CPU_BASELINE_BYTES = 360 * MiB
+"""Peak RSS of lorakit's training path with a negligible model (the 'nano' model of
+bench/advisor_calibration.py: hidden 32, 1 layer, 8 tokens), measured on this machine (torch 2.13,
+transformers 5.23, Python 3.11, 2 cores): interpreter + torch + transformers imports ~228 MiB,
+from_pretrained/tokenizer machinery +121 MiB, first training steps (thread pools, kernel code pages)
++11 MiB. Every model-dependent term is added to this."""
 
 CPU_PLOT_BYTES = 32 * MiB
 """matplotlib import + one figure (loss.png at the end of a run), measured: the CPU 'save' phase."""
@@ -80,10 +88,11 @@ CPU_HEAP_SLACK = 0.9
 """glibc keeps freed heap pages. After the first free of a large block it raises its mmap threshold (up
 to GLIBC_MMAP_MAX), so from the second step on every tensor below it lives in the heap, and the
 fragmented free space a step leaves is not returned. Peak RSS exceeds the live-tensor peak by about
-this share of the bytes one forward allocates in such tensors (the activations it would save without
-checkpointing + the loss buffers; checkpointing still allocates them, layer by layer). Fitted on the
-h256 rows of bench/advisor_calibration.py (0.92), checked on the h512 rows (live-tensor peaks measured
-separately with MALLOC_MMAP_THRESHOLD_ set: within 3% of the model). Linux/glibc only."""
+this share of the bytes one forward allocates in such tensors (`_heap_churn`: the activations it
+would save without checkpointing -- checkpointing still allocates them, layer by layer -- and the
+logits-path loss buffers). Least-squares fits on the batch-4 h256 rows of bench/advisor_calibration.py
+gave 0.81-0.92 (two loss implementations); the live-tensor peaks, measured separately with
+MALLOC_MMAP_THRESHOLD_ set, agree with the model within -8%..+1%. Linux/glibc only."""
 
 GLIBC_MMAP_MAX = 32 * MiB
 """glibc's largest dynamic mmap threshold (64-bit): blocks above it are always mmapped, returned on free."""
@@ -646,7 +655,8 @@ def logits_bytes(w: Workload, shape: ModelShape) -> tuple[int, int]:
     """(forward, backward) bytes of the loss. N' = B·(T-1) shifted positions, C = loss_chunks.
 
     linear_ce  forward: the supervised rows of h and ∂L/∂h, (2·b·d + 8)·N', one fp32 chunk of logits (32 MiB,
-               turned into its gradient in place) and, when the head trains, ∂L/∂W (V·d); backward:
+               turned into its gradient in place) and logsumexp's temporary of the same size, and, when
+               the head trains, ∂L/∂W (V·d); backward:
                ∂L/∂h twice (saved, scaled) and ∂L/∂W once more. No (N, V) tensor at all.
     logits     forward: b·V·N logits + the fp32 copy of the shifted logits 4·V·N'/C + log-softmax
                4·V·N' (saved); backward: the saved log-softmax + its gradient and the input gradient
@@ -660,7 +670,9 @@ def logits_bytes(w: Workload, shape: ModelShape) -> tuple[int, int]:
     if w.loss == "linear_ce":
         from lorakit.loss import ROW_CHUNK_BYTES
 
-        chunk = min(max(1, ROW_CHUNK_BYTES // (4 * v)), n_shift) * v * 4
+        rows_per_chunk = min(max(1, ROW_CHUNK_BYTES // (4 * v)), n_shift)
+        # the fp32 chunk of logits, logsumexp's temporary of the same size (+ the gradient cast to b)
+        chunk = rows_per_chunk * v * (8 + (b if b < 4 else 0))
         head_grad = v * d * w.load_bytes if w.method == "full" else 0
         rows = (2 * b * d + 8) * n_shift  # h's supervised rows, ∂L/∂h and the int64 row index
         return rows + chunk + head_grad, rows + head_grad
@@ -740,6 +752,8 @@ def memory_model(w: Workload, shape: ModelShape) -> MemoryBreakdown:
         MemoryTerm("activations", acts, _activation_how(w, shape)),
         MemoryTerm("recompute", recompute, "one layer's activations rebuilt in backward (gradient checkpointing)"),
         MemoryTerm("logits_loss", max(logits_fwd, logits_bwd),
+                   "lorakit.loss: rows of h and ∂L/∂h + a 32 MiB chunk of logits (×2 in logsumexp), no (N, V) tensor"
+                   if w.loss == "linear_ce" else
                    f"vocab {shape.vocab:,} × {w.tokens:,} tokens: logits + fp32 upcast + log-softmax, then its gradients"),
         MemoryTerm("backward_transient", bwd, "gradients in flight inside one layer's backward"),
         MemoryTerm("dequant_transient", dequant, "the largest NF4 weight dequantized for its matmul (int32 codes + fp32)"),
@@ -870,6 +884,8 @@ def calibrate(device: str = "cpu", dtype: str = "float32", force: bool = False) 
     """Measured rates of this machine, cached per (device, dtype, torch version):
 
     matmul_flops   {k: FLOP/s of (1024×k)@(k×k)} (×8 rows and k on CUDA) -- interpolated in log k
+    attention_flops  FLOP/s of scaled_dot_product_attention forward + backward with a float mask
+    lora_flops     FLOP/s of a rank-16 adapter's skinny matmuls, forward + backward
     bandwidth      B/s of an elementwise multiply over 64 MiB tensors (read 2, write 1)
     bernoulli_s    seconds per element of a dropout mask (CPU draws random numbers one by one)
     softmax_s      seconds per logit of the loss: fp32 upcast, log-softmax, nll and their backward
@@ -882,7 +898,12 @@ def calibrate(device: str = "cpu", dtype: str = "float32", force: bool = False) 
     cache = json.loads(path.read_text()) if path.is_file() else {}
     if key in cache and not force:
         return cache[key]
+    busy = _OtherLoad()
     result = _measure(device, dtype)
+    result["other_load"] = busy.share()
+    if result["other_load"] > 0.1:
+        log.warning("calibrated while other processes used %.0f%% of the CPUs: the rates (and so the time "
+                    "predictions) are low; calibrate again on a quiet machine", 100 * result["other_load"])
     cache[key] = result
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -891,18 +912,50 @@ def calibrate(device: str = "cpu", dtype: str = "float32", force: bool = False) 
     return result
 
 
-def _timed(fn, budget: float = 0.15, sync=lambda: None) -> float:
-    """Median seconds per call of `fn` over a small time budget (after one warm-up call): the median,
-    not the best, because training sustains typical rates, not peak ones."""
+class _OtherLoad:
+    """Share of this machine's CPU time that other processes use from construction to `share()`
+    (Linux /proc/stat; 0.0 elsewhere): a busy machine makes every measured rate too low."""
+
+    def __init__(self):
+        self.start = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float, float] | None:
+        import resource
+
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except OSError:
+            return None
+        mine = resource.getrusage(resource.RUSAGE_SELF)
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+        return busy, mine.ru_utime + mine.ru_stime, time.monotonic()
+
+    def share(self) -> float:
+        end = self._now()
+        if self.start is None or end is None or end[2] <= self.start[2]:
+            return 0.0
+        others = (end[0] - self.start[0]) - (end[1] - self.start[1])
+        return round(max(0.0, others / ((end[2] - self.start[2]) * (os.cpu_count() or 1))), 3)
+
+
+def _timed(fn, budget: float = 0.1, sync=lambda: None, rounds: int = 3) -> float:
+    """Seconds per call of `fn`: the median over a small time budget (after one warm-up call), the best
+    of `rounds` such medians. The median, not the best call, because training sustains typical rates;
+    the best of a few medians so that a burst of other work on the machine does not become the rate."""
     fn()
     sync()
-    times: list[float] = []
-    while sum(times) < budget or len(times) < 3:
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    medians = []
+    for _ in range(rounds):
+        times: list[float] = []
+        while sum(times) < budget or len(times) < 3:
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        medians.append(sorted(times)[len(times) // 2])
+    return min(medians)
 
 
 def _measure(device: str, dtype: str) -> dict[str, Any]:
@@ -943,9 +996,26 @@ def _measure(device: str, dtype: str) -> dict[str, Any]:
     softmax = _timed(loss, sync=sync) / logits.numel()
     s = torch.randn(8, 8, device=device, requires_grad=True)
     op = _timed(lambda: (s * 2).sum().backward(), sync=sync) / 4  # 2 ops forward, 2 backward
-    return {"matmul_flops": rates, "attention_flops": _attention_rate(device, dt, sync), "bandwidth": bandwidth,
+    return {"matmul_flops": rates, "attention_flops": _attention_rate(device, dt, sync),
+            "lora_flops": _lora_rate(device, dt, sync), "bandwidth": bandwidth,
             "dequant_s": dequant, "adamw_s": adamw, "op_s": op, "bernoulli_s": bernoulli, "softmax_s": softmax,
             "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _lora_rate(device: str, dt: Any, sync) -> float:
+    """FLOP/s of a rank-16 adapter path forward + backward, x (M, 512) -> A (16, 512) -> B (512, 16):
+    skinny matmuls, bound by reading x rather than by arithmetic. 6·r·(in + out) FLOPs per row."""
+    import torch
+
+    rows = 8192 if device == "cuda" else 2048
+    x = torch.randn(rows, 512, device=device, dtype=dt, requires_grad=True)
+    a = torch.randn(16, 512, device=device, dtype=dt, requires_grad=True)
+    b = torch.randn(512, 16, device=device, dtype=dt, requires_grad=True)
+
+    def lora():
+        torch.nn.functional.linear(torch.nn.functional.linear(x, a), b).sum().backward()
+
+    return 6 * rows * 16 * (512 + 512) / _timed(lora, sync=sync)
 
 
 def _attention_rate(device: str, dt: Any, sync) -> float:
@@ -969,6 +1039,7 @@ def assumed_gpu_rates(gpu: str) -> dict[str, Any]:
     rate = flops * GPU_MATMUL_EFFICIENCY
     return {"matmul_flops": {"256": rate / 4, "1024": rate * 0.8, "4096": rate, "16384": rate},
             "attention_flops": 0.5 * rate,  # memory-efficient/flash kernels with a mask: about half the GEMM rate
+            "lora_flops": 8 * 0.8 * bw,  # rank 16, fp32 adapters: bound by memory, 6r FLOPs per 12 bytes moved
             "bandwidth": 0.8 * bw, "dequant_s": 24 / (0.8 * bw), "adamw_s": 64 / (0.8 * bw), "op_s": 8e-6,
             "bernoulli_s": 9 / (0.8 * bw), "softmax_s": 40 / (0.8 * bw),
             "measured": f"assumed: {gpu} datasheet × {GPU_MATMUL_EFFICIENCY}"}
@@ -1015,7 +1086,7 @@ def time_model(w: Workload, shape: ModelShape, rates: dict[str, Any]) -> TimeMod
     flops += f_head
     lora_f = shape.layers * sum(2 * n * r * (t.in_features + t.out_features) for t in w.lora_targets)
     lora_f *= 3 + (1 if gc else 0)
-    mm += lora_f / matmul_rate(rates, r)
+    mm += lora_f / (rates.get("lora_flops") or matmul_rate(rates, max(r, 32)))
     flops += lora_f
     causal = 1.0 if w.masked else 0.5
     attn_f = shape.layers * 4 * n * w.seq_len * shape.q_dim * causal * (1 + 2.5 + (1 if gc else 0))
@@ -1303,6 +1374,9 @@ def advise(
     tm = time_model(w, shape, rates)
     steps_per_epoch, total = _steps(config, n_examples, stats)
     notes += _notes(w, shape, mem, available, dev)
+    if rates.get("other_load", 0) > 0.1:
+        notes.append(f"the time calibration ran while other processes used {rates['other_load']:.0%} of the CPUs: "
+                     "step times are overestimated; rerun lorakit.advise.calibrate(force=True) on a quiet machine")
     return Advice(shape, config, dev, available, mem, tm, recs, notes, n_examples, steps_per_epoch, total, price_per_hour)
 
 

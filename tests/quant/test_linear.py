@@ -325,3 +325,26 @@ def test_scratch_dequantize_is_bit_exact_and_reuses_its_buffer(shape, double_qua
     if shape[0] * shape[1] % 64 == 0:  # whole blocks: the fast path, into the same memory each call
         first = dequantize_scratch(state, torch.float32).data_ptr()
         assert dequantize_scratch(state, torch.float32).data_ptr() == first
+
+
+def test_quantize_model_copies_the_rest_out_of_the_checkpoint_mapping_and_keeps_ties(tiny):
+    """The unquantized tensors get their own memory (so the memory-mapped fp32 checkpoint can go);
+    a head tied to the embedding stays tied, and nothing changes value."""
+    model = tiny("gpt2")
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.weight is embed.weight
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    quantize_model(model, QuantConfig(), compute_dtype=torch.float32, progress=False)
+    assert head.weight is embed.weight
+    for name, param in model.named_parameters():
+        if name in before and "bias" not in name:
+            ptr, value = before[name]
+            assert param.data_ptr() != ptr and torch.equal(param, value), name
+
+
+@pytest.mark.parametrize("shape", [(2048, 64), (100, 64 * 257)])
+def test_scratch_absmax_decode_is_bit_exact(shape):
+    from lorakit.quant.linear import _float_absmax
+
+    state = quantize_nf4(_randn(*shape, seed=12))  # 2048 / 257·100 blocks: whole and partial 256-blocks of scales
+    assert torch.equal(_float_absmax(state), state.float_absmax())

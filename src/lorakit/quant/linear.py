@@ -63,6 +63,16 @@ def _buffer(role: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
     return buf[:numel]
 
 
+def _float_absmax(state: NF4State) -> torch.Tensor:
+    """`state.float_absmax()` (D[qa] · s + c, the same fp32 ops) with a gather instead of advanced indexing."""
+    nb, bs2 = state.qabsmax.numel() if state.double_quant else 0, state.blocksize2
+    if not state.double_quant or nb % bs2:
+        return state.float_absmax()
+    codes = _buffer("absmax codes", nb, torch.int64, state.qabsmax.device).copy_(state.qabsmax)  # (nblocks,)
+    scaled = torch.gather(_tables(state.qabsmax.device)["dyn"], 0, codes)  # (nblocks,) D[qa]
+    return scaled.view(-1, bs2).mul_(state.absmax2[:, None]).view(-1).add_(state.offset)
+
+
 def dequantize_scratch(state: NF4State, dtype: torch.dtype) -> torch.Tensor:
     """Ŵ (out, in) in `dtype`, equal bit for bit to `dequantize_nf4(state, dtype)`, in a reused buffer.
 
@@ -75,7 +85,7 @@ def dequantize_scratch(state: NF4State, dtype: torch.dtype) -> torch.Tensor:
     values = _buffer("nf4", n, torch.float32, packed.device)
     # gather of 8-byte words: ~3x faster on CPU than index_select of (256, 2) rows
     torch.gather(_byte_table(packed.device), 0, idx, out=values.view(torch.int64))  # (n/2,) value pairs
-    values.view(-1, bs).mul_(state.float_absmax()[:, None])  # (nblocks, B) · absmax_b
+    values.view(-1, bs).mul_(_float_absmax(state)[:, None])  # (nblocks, B) · absmax_b
     if dtype != torch.float32:
         values = _buffer("cast", n, dtype, packed.device).copy_(values)  # one rounding, as dequantize_nf4
     return values.view(state.shape)
@@ -227,7 +237,33 @@ def quantize_model(
         setattr(parent, child, NF4Linear.from_linear(layer, config.blocksize, config.double_quant, dtype))
         # NOTE: the fp weight is freed when the last reference goes; a weight tied to an embedding stays.
         del layer
+    _release_checkpoint_mapping(model)
     return targets
+
+
+def _release_checkpoint_mapping(model: nn.Module) -> None:
+    """Give the CPU tensors left in full precision (embeddings, norms, head) memory of their own.
+
+    transformers memory-maps a safetensors checkpoint, and every CPU parameter it loads is a view into
+    that one mapping. Quantizing read each replaced fp weight, so its pages are resident, and they stay
+    mapped -- counted in the process's RSS, ~3.5 bytes per quantized weight on top of the 4-bit codes --
+    for as long as any other parameter still views the mapping. Copying the remaining tensors drops the
+    last views and with them the mapping. Cost: one copy of the unquantized parameters (shared ones,
+    e.g. a tied head, copied once and still shared).
+    """
+    copied: set[int] = set()
+    buffers: dict[int, torch.Tensor] = {}  # id(old buffer) -> its copy, so that shared buffers stay shared
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, NF4Linear):
+                continue
+            for param in module.parameters(recurse=False):
+                if param.device.type == "cpu" and id(param) not in copied:
+                    param.data = param.data.clone()
+                    copied.add(id(param))
+            for name, buf in list(module.named_buffers(recurse=False)):
+                if buf is not None and buf.device.type == "cpu":
+                    setattr(module, name, buffers.setdefault(id(buf), buf.clone()))
 
 
 def _find_targets(model: nn.Module, skip: list[str]) -> tuple[list[str], list[str]]:
