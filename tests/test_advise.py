@@ -262,6 +262,12 @@ def test_time_model_parts_add_up(tiny_dir):
     assert slower.step_time_s > t.step_time_s and slower.flops_per_token > t.flops_per_token
 
 
+def test_a_calibration_taken_on_a_busy_machine_is_flagged(tiny_dir, monkeypatch):
+    monkeypatch.setattr(A, "calibrate", lambda *args, **kwargs: dict(RATES, other_load=0.5))
+    advice = A.advise(run_config(tiny_dir), memory="8GB")
+    assert any("other processes used 50%" in note for note in advice.notes)
+
+
 def test_check_fits(tiny_dir):
     config = run_config(tiny_dir)
     assert A.check_fits(config, 64 * 2**30) is None

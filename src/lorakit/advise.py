@@ -47,7 +47,7 @@ Three parts, all from the model's shapes (config.json only; a `meta`-device mode
    target; QLoRA adds two (three with checkpointing) dequantizations of every 4-bit weight per
    micro-batch. Matmuls use the calibrated GEMM rate at their smaller dimension, attention the calibrated
    SDPA rate; elementwise work by memory traffic; the loss, dropout masks, dequantization, AdamW and op
-   dispatch by their calibrated per-element costs. The calibration (`calibrate`, ~3 s) is measured once
+   dispatch by their calibrated per-element costs. The calibration (`calibrate`, a few seconds) is measured once
    per device, dtype and torch version and cached in ~/.cache/lorakit/calibration.json.
 """
 

@@ -689,8 +689,17 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
+    """Peak of this process: CUDA allocator peak, else VmHWM. Why not ru_maxrss: a child started by fork
+    inherits its parent's peak there, so a run launched from a big Python process would over-report."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
