@@ -18,8 +18,8 @@ from torch import nn
 import lorakit.advise  # noqa: F401  (lorakit.advise the attribute is the function; the module is in sys.modules)
 from lorakit.cli import main as cli_main
 from lorakit.config import DataConfig, LoraConfig, RunConfig, TrainConfig, load_run_config
-from lorakit.lora import inject_lora
-from lorakit.quant import NF4Linear, quantize_model
+from lorakit.quant import NF4Linear
+from lorakit.train import adapt_for_method
 
 A = sys.modules["lorakit.advise"]
 
@@ -57,16 +57,7 @@ def real_model(config: RunConfig, tied: bool = False) -> nn.Module:
     """The model lorakit.train.prepare_model would build (random weights, fp32, CPU)."""
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(tf.LlamaConfig(**TINY, tie_word_embeddings=tied)).float()
-    if config.method == "qlora":
-        quantize_model(model, config.quant, compute_dtype=torch.float32, progress=False)
-    if config.method == "full":
-        model.requires_grad_(True)
-    else:
-        inject_lora(model, config.lora)
-    if config.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    return model.train()
+    return adapt_for_method(model, config, torch.float32, progress=False).train()
 
 
 def predicted(config: RunConfig, masked: bool):

@@ -99,10 +99,16 @@ def prepare_model(config: RunConfig, device: torch.device, dtype: torch.dtype,
     tokenizer = load_tokenizer(config.base_model, config.revision)
     load_dtype = torch.float32 if config.method == "full" and dtype != torch.float32 and device.type == "cpu" else dtype
     model = load_model(config.base_model, config.task, load_dtype, load_on or device, config.revision, config.num_labels)
+    return adapt_for_method(model, config, dtype), tokenizer
+
+
+def adapt_for_method(model: nn.Module, config: RunConfig, dtype: torch.dtype, progress: bool = True) -> nn.Module:
+    """The method as config: NF4 base for qlora, adapters for lora/qlora, everything trainable for full;
+    then gradient checkpointing (non-reentrant, so frozen inputs and 4-bit layers work)."""
     if config.method == "qlora":
         from lorakit.quant import quantize_model
 
-        quantize_model(model, config.quant, compute_dtype=dtype)
+        quantize_model(model, config.quant, compute_dtype=dtype, progress=progress)
     if config.method == "full":
         model.requires_grad_(True)
     else:
@@ -110,7 +116,7 @@ def prepare_model(config: RunConfig, device: torch.device, dtype: torch.dtype,
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return model, tokenizer
+    return model
 
 
 def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
