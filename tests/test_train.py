@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_base, write_text_data
 from safetensors.torch import load_file
 
+from conftest import save_tiny_base, write_text_data
 from lorakit.config import load_run_config
 from lorakit.train import Loop, TrainingError, loss_sum, prepare_model, supervised_tokens, train_lora
 
@@ -92,7 +92,8 @@ def test_token_weighted_accumulation_equals_one_big_batch(base_dir, tmp_path):
 
         loop = Loop(config, model, tokenizer, prepare_data(config.data, tokenizer), torch.device("cpu"), config_dir(config), False)
         captured = []
-        loop.optimizer.step = lambda: captured.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        loop.optimizer.step = lambda captured=captured, model=model: captured.append(
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         loop.step(loop.plan.stream(0))
         grads[micro] = captured[0]
     small, big = grads[4], grads[8]
