@@ -106,7 +106,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
         method, _, gc = entry.partition("+")
         items.append({"kind": "train", "method": method, "gc": gc == "gc"})
     if args.generate:
-        items += [{"kind": "generate", "merged": merged} for merged in (False, True)]
+        items.append({"kind": "generate"})
     if args.quantize:
         items.append({"kind": "quantize"})
     return items
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> dict:
 def log(r: dict, repeat: int) -> None:
     what = {k: r[k] for k in ("kind", "stack", "method", "gc", "merged") if k in r}
     figures = {k: r[k] for k in ("tokens_per_s", "step_s", "forward_s", "peak_rss", "kernel_s", "end_to_end_s",
-                                 "flops", "load_1min", "error") if k in r}
+                                 "unmerged_tokens_per_s", "merged_tokens_per_s", "flops", "load_1min", "error") if k in r}
     print(f"[rep {repeat}] {json.dumps(what)} {json.dumps(figures)}", file=sys.stderr, flush=True)
 
 
@@ -169,7 +169,7 @@ def main() -> None:
     p.add_argument("--generate", action=argparse.BooleanOptionalAction, default=True, help="merged vs unmerged decode")
     p.add_argument("--gen-batch", type=int, default=4)
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens per row")
-    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=True, help="whole-model NF4 time")
     p.add_argument("--json", type=Path, help="write the raw results here")
     p.add_argument("--render", type=Path, nargs="+", help="render these JSON runs instead of measuring")

@@ -76,7 +76,7 @@ def train_table(run: dict, flops_fn: Callable) -> list[str]:
     a, m = run["args"], run["config"]
     ceiling = best(run, "flops", kind="ceiling")
     lines = ["| config | stack | tokens/s best (per rep., median step) | ÷ reference | GFLOP/s, % of ceiling "
-             "| peak RSS training (per rep.) | ÷ reference | peak RSS incl. loading | forward s | GC: extra ÷ forward |",
+             "| peak RSS training (per rep.) | ÷ reference | peak RSS whole process | forward s | GC: extra ÷ forward |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for entry in a["configs"].split(","):
         method, _, gc = entry.partition("+")
@@ -95,9 +95,15 @@ def train_table(run: dict, flops_fn: Callable) -> list[str]:
                 f"| {fmt(best(run, 'peak_rss', **sel) and best(run, 'peak_rss', **sel) / GiB, '.2f')} GiB "
                 f"({listing(run, 'peak_rss', '.2f', GiB, **sel)}) "
                 f"| {fmt(ratio(run, 'peak_rss', sel, ref), '.2f', '×') if is_lk else ''} "
-                f"| {listing(run, 'load_peak_rss', '.2f', GiB, **sel)} GiB | {fmt(best(run, 'forward_s', **sel), '.2f')} "
+                f"| {whole_process_peak(run, **sel)} GiB | {'' if gc else fmt(best(run, 'forward_s', **sel), '.2f')} "
                 f"| {fmt(gc_cost(run, stack, method), '.2f', '×') if gc else ''} |")
     return lines + [""]
+
+
+def whole_process_peak(run: dict, **match) -> str:
+    """max(peak while loading, peak while training) per repetition: the process's ru_maxrss."""
+    peaks = [max(r["load_peak_rss"], r["peak_rss"] or 0) / GiB for r in rows(run, **match)]
+    return " / ".join(f"{p:.2f}" for p in peaks) if peaks else "failed"
 
 
 def generate_table(run: dict) -> list[str]:
@@ -109,15 +115,17 @@ def generate_table(run: dict) -> list[str]:
              "Tokens/s, best (per repetition):", "",
              "| stack | unmerged | merged | merged ÷ unmerged |", "| --- | --- | --- | --- |"]
     for stack in ("lorakit", "peft"):
-        un, mg = dict(kind="generate", stack=stack, merged=False), dict(kind="generate", stack=stack, merged=True)
-        cells = [f"{fmt(_max(run, **sel), '.1f')} ({listing(run, 'tokens_per_s', '.1f', **sel)})" for sel in (un, mg)]
-        r = _max(run, **mg) / _max(run, **un) if _max(run, **mg) and _max(run, **un) else None
-        lines.append(f"| {'lorakit' if stack == 'lorakit' else 'PEFT'} | {cells[0]} | {cells[1]} | {fmt(r, '.2f', '×')} |")
+        sel = dict(kind="generate", stack=stack)
+        un, mg = _max(run, "unmerged_tokens_per_s", **sel), _max(run, "merged_tokens_per_s", **sel)
+        cells = [f"{fmt(v, '.1f')} ({listing(run, k, '.1f', **sel)})"
+                 for v, k in ((un, "unmerged_tokens_per_s"), (mg, "merged_tokens_per_s"))]
+        lines.append(f"| {'lorakit' if stack == 'lorakit' else 'PEFT'} | {cells[0]} | {cells[1]} "
+                     f"| {fmt(mg / un if mg and un else None, '.2f', '×')} |")
     return lines + [""]
 
 
-def _max(run: dict, **match) -> float | None:
-    values = [r["tokens_per_s"] for r in rows(run, **match)]
+def _max(run: dict, key: str, **match) -> float | None:
+    values = [r[key] for r in rows(run, **match) if r.get(key)]
     return max(values) if values else None
 
 
@@ -199,7 +207,7 @@ def render(runs: list[dict], flops_fn: Callable, profile: dict | None = None, no
         "figure comes from a fresh process; lorakit and the reference alternate back to back in each repetition. "
         "Best-of figures (see bench/report.py): contention only slows a run down. Peak RSS training: `ru_maxrss` "
         "after the high-water mark was reset once the model was loaded (/proc/self/clear_refs), so it covers the "
-        "optimizer steps; incl. loading: the whole process. FLOPs per token: bench/bench_train.py's docstring.", "",
+        "optimizer steps; whole process: loading included. FLOPs per token: bench/bench_train.py's docstring.", "",
         "### Goals", "",
         *goals(runs, flops_fn),
     ]

@@ -124,16 +124,16 @@ def train(spec: dict) -> dict:
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - t0)
     train_peak = peak_rss()
-    forward_s = []
-    for batch in batches[:2]:  # the forward alone, the unit of recompute cost (no_grad: lorakit's loss
-        t0 = time.perf_counter()  # would otherwise count the head's backward, made in its forward)
+    forward_s = None
+    if not spec["gc"]:  # the forward alone, the unit of recompute cost (no_grad: lorakit's loss would
+        t0 = time.perf_counter()  # otherwise count the head's backward, which it makes in its forward)
         with torch.no_grad():
-            loss_fn(batch)
-        forward_s.append(time.perf_counter() - t0)
+            loss_fn(batches[-1])
+        forward_s = time.perf_counter() - t0
     step_s = statistics.median(times)
     return {
         "step_s": step_s, "step_times": times, "tokens_per_s": spec["batch"] * spec["seq"] / step_s,
-        "forward_s": statistics.median(forward_s), "setup_s": setup_s, "losses": losses,
+        "forward_s": forward_s, "setup_s": setup_s, "losses": losses,
         "peak_rss": train_peak if reset_ok else None, "load_peak_rss": load_peak,
         "trainable": sum(p.numel() for p in params),
     }
@@ -152,15 +152,20 @@ def _fill_lora_b(model: torch.nn.Module) -> None:
 
 
 def generate(spec: dict) -> dict:
+    """Decode tokens/s with the adapter unmerged, then merged into the base (same process, same prompts)."""
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, spec["vocab"], (spec["gen_batch"], spec["prompt"]), generator=g)  # (B, P)
     mask = torch.ones_like(ids)
-    run = _lorakit_decoder(spec) if spec["stack"] == "lorakit" else _peft_decoder(spec)
-    run(ids, mask, 4)  # warm-up
-    t0 = time.perf_counter()
-    n_new = run(ids, mask, spec["new_tokens"])
-    elapsed = time.perf_counter() - t0
-    return {"gen_s": elapsed, "tokens_per_s": ids.shape[0] * n_new / elapsed, "peak_rss": peak_rss()}
+    model, run, merge = _lorakit_decoder(spec) if spec["stack"] == "lorakit" else _peft_decoder(spec)
+    out = {}
+    for state in ("unmerged", "merged"):
+        if state == "merged":
+            model = merge(model)
+        run(model, ids, mask, 4)  # warm-up
+        t0 = time.perf_counter()
+        n_new = run(model, ids, mask, spec["new_tokens"])
+        out[f"{state}_tokens_per_s"] = ids.shape[0] * n_new / (time.perf_counter() - t0)
+    return out
 
 
 def _lorakit_decoder(spec: dict):
@@ -172,16 +177,13 @@ def _lorakit_decoder(spec: dict):
     model = load_model(spec["model_dir"], dtype=torch.float32)
     inject_lora(model, LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=0.0, target_modules="all-linear"))
     _fill_lora_b(model)
-    if spec["merged"]:
-        merge_lora_weights(model)
-    model.eval()
 
-    def run(ids, mask, n):
-        out = decode(model, ids, mask, GenerationConfig(max_new_tokens=n), stop_ids=set(), pad_id=0)
+    def run(model, ids, mask, n):
+        out = decode(model.eval(), ids, mask, GenerationConfig(max_new_tokens=n), stop_ids=set(), pad_id=0)
         assert all(len(o.token_ids) == n for o in out)
         return n
 
-    return run
+    return model, run, merge_lora_weights
 
 
 def _peft_decoder(spec: dict):
@@ -192,17 +194,14 @@ def _peft_decoder(spec: dict):
     model = peft.get_peft_model(model, peft.LoraConfig(
         r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules="all-linear"))
     _fill_lora_b(model)
-    if spec["merged"]:
-        model = model.merge_and_unload()
-    model.eval()
 
     @torch.no_grad()
-    def run(ids, mask, n):
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, pad_token_id=0)
+    def run(model, ids, mask, n):
+        out = model.eval().generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                    do_sample=False, pad_token_id=0)
         return out.shape[1] - ids.shape[1]
 
-    return run
+    return model, run, lambda model: model.merge_and_unload()
 
 
 # --------------------------------------------------------------------------- quantization
