@@ -1,9 +1,10 @@
 """Training throughput and memory, generation and quantization: lorakit versus transformers + PEFT (+ bitsandbytes).
 
-    python bench/bench_train.py --model 100m --repeats 2 --json bench/results/train-100m-1.json
+    python bench/bench_train.py --model 100m --repeats 2 --json bench/results/train-100m-1.json   # ~15 min
+    python bench/profile_train.py --model 100m --json bench/results/profile-100m.json
     python bench/bench_train.py --render bench/results/train-100m-1.json bench/results/train-100m-2.json \\
-        --results bench/RESULTS.md
-    python bench/bench_train.py --model small --repeats 2          # 21M Llama, a quick run
+        --profile bench/results/profile-100m.json --notes bench/results/notes-100m.md --results bench/RESULTS.md
+    python bench/bench_train.py --model small --repeats 2          # 21M Llama, a quick run (~6 min)
 
 Every measurement runs in a fresh process (bench/workers.py), and in each repetition lorakit and the
 reference stack run back to back in alternating order, so that a noisy neighbour hurts both alike;
@@ -44,7 +45,7 @@ MODELS = {
                  num_key_value_heads=12, vocab_size=32000),
 }
 STACKS = ("lorakit", "peft")
-SECTION = "## Training throughput and memory (CPU)"
+SECTION = "## Training throughput and memory (CPU, {model} model)"
 
 
 # --------------------------------------------------------------------------- model on disk
@@ -165,7 +166,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per measurement (median taken)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=2, help="repetitions, stacks alternating in order")
-    p.add_argument("--configs", default="lora,lora+gc,qlora,full", help="comma list of lora|qlora|full[+gc]")
+    p.add_argument("--configs", default="lora,lora+gc,qlora,qlora+gc,full", help="comma list of lora|qlora|full[+gc]")
     p.add_argument("--generate", action=argparse.BooleanOptionalAction, default=True, help="merged vs unmerged decode")
     p.add_argument("--gen-batch", type=int, default=4)
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens per row")
@@ -173,7 +174,7 @@ def main() -> None:
     p.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=True, help="whole-model NF4 time")
     p.add_argument("--json", type=Path, help="write the raw results here")
     p.add_argument("--render", type=Path, nargs="+", help="render these JSON runs instead of measuring")
-    p.add_argument("--results", type=Path, help=f"markdown file whose '{SECTION}' section to write")
+    p.add_argument("--results", type=Path, help=f"markdown file whose '{SECTION}' section to write (one per model)")
     p.add_argument("--profile", type=Path, help="JSON from bench/profile_train.py to include")
     p.add_argument("--notes", type=Path, help="markdown (findings, limits) to put after the goals")
     args = p.parse_args()
@@ -185,10 +186,11 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(runs[0], indent=1, default=str))
     profile = json.loads(args.profile.read_text()) if args.profile else None
-    section = render(runs, flops_per_token, profile, args.notes.read_text() if args.notes else "")
+    title = SECTION.format(model=runs[0]["model"])
+    section = render(title, runs, flops_per_token, profile, args.notes.read_text() if args.notes else "")
     print(section)
     if args.results:
-        upsert_section(args.results, SECTION, section)
+        upsert_section(args.results, title, section)
 
 
 if __name__ == "__main__":

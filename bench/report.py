@@ -1,13 +1,15 @@
 """Markdown for bench_train.py: per-run tables, the issue's goals checked, and the profile.
 
-Contention on a shared machine only ever slows a measurement down, so the headline figure of each
-(stack, config) is its best: tokens/s from the fastest timed step of the best repetition, the lowest
-peak RSS, the highest matmul ceiling. Ratios are between those bests; the per-repetition values
-(median step) are listed beside them so that the noise stays visible.
+The headline figure of each (stack, config) is robust to a noisy machine rather than flattering:
+step time is the median of every timed step over all repetitions (steps of one configuration vary by up
+to 40% here, from clock boost and neighbours), other times the median over repetitions, peak RSS the
+highest seen (a peak is a worst case), the matmul ceiling the highest rate measured. Ratios are between
+those figures; the per-repetition values are listed beside them so that the noise stays visible.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,21 +27,22 @@ def tokens(run: dict) -> int:
     return run["args"]["batch"] * run["args"]["seq"]
 
 
-def best(run: dict, key: str, **match) -> float | None:
-    """The best value over repetitions: fastest step / tokens per second, lowest memory and forward time."""
+def headline(run: dict, key: str, **match) -> float | None:
+    """The figure reported for `key` over repetitions (see the module docstring)."""
     rs = rows(run, **match)
     if not rs:
         return None
-    if key == "tokens_per_s":
-        return tokens(run) / min(min(r["step_times"]) for r in rs)
-    if key == "step_s":
-        return min(min(r["step_times"]) for r in rs)
+    if key in ("tokens_per_s", "step_s"):
+        step = statistics.median(t for r in rs for t in r["step_times"])
+        return tokens(run) / step if key == "tokens_per_s" else step
     values = [r[key] for r in rs if r.get(key) is not None]
-    return (max if key in ("flops",) else min)(values) if values else None
+    if not values:
+        return None
+    return max(values) if key in ("flops", "peak_rss", "load_peak_rss") else statistics.median(values)
 
 
 def ratio(run: dict, key: str, a: dict, b: dict) -> float | None:
-    x, y = best(run, key, **a), best(run, key, **b)
+    x, y = headline(run, key, **a), headline(run, key, **b)
     return x / y if x is not None and y else None
 
 
@@ -59,24 +62,24 @@ def header(run: dict, index: int) -> list[str]:
         f"### Run {index}: {run['started']}, {run['wall_s'] / 60:.1f} min", "",
         f"Command: `{run['command']}`", "",
         f"Machine: {run['machine']}. 1-minute load average during the run (sampled at every measurement's start and "
-        f"end): {min(loads):.2f}–{max(loads):.2f}. fp32 matmul ceiling, best torch.mm rate on the training's shapes, "
+        f"end): {min(loads):.2f}–{max(loads):.2f}. fp32 matmul ceiling, fastest torch.mm rate on the training's shapes, "
         f"per repetition: {' / '.join(f'{c:.1f}' for c in ceil)} GFLOP/s.", "",
     ]
 
 
 def gc_cost(run: dict, stack: str, method: str) -> float | None:
-    """(best step with GC − best step without) ÷ best forward time without GC."""
+    """(median step with GC − median step without) ÷ median forward time without GC."""
     sel = dict(kind="train", stack=stack, method=method)
-    on, off, fwd = best(run, "step_s", **sel, gc=True), best(run, "step_s", **sel, gc=False), best(
+    on, off, fwd = headline(run, "step_s", **sel, gc=True), headline(run, "step_s", **sel, gc=False), headline(
         run, "forward_s", **sel, gc=False)
     return (on - off) / fwd if on and off and fwd else None
 
 
 def train_table(run: dict, flops_fn: Callable) -> list[str]:
     a, m = run["args"], run["config"]
-    ceiling = best(run, "flops", kind="ceiling")
-    lines = ["| config | stack | tokens/s best (per rep., median step) | ÷ reference | GFLOP/s, % of ceiling "
-             "| peak RSS training (per rep.) | ÷ reference | peak RSS whole process | forward s | GC: extra ÷ forward |",
+    ceiling = headline(run, "flops", kind="ceiling")
+    lines = ["| config | stack | tokens/s, median step (per rep.) | ÷ reference | GFLOP/s, % of ceiling "
+             "| peak RSS training, highest (per rep.) | ÷ reference | peak RSS whole process | forward s | GC: extra ÷ forward |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for entry in a["configs"].split(","):
         method, _, gc = entry.partition("+")
@@ -84,7 +87,7 @@ def train_table(run: dict, flops_fn: Callable) -> list[str]:
         for stack in ("lorakit", "peft"):
             sel = dict(kind="train", method=method, gc=gc == "gc", stack=stack)
             ref = dict(sel, stack="peft")
-            tps = best(run, "tokens_per_s", **sel)
+            tps = headline(run, "tokens_per_s", **sel)
             gflops = None if tps is None else tps * flops / 1e9
             is_lk = stack == "lorakit"
             lines.append(
@@ -92,10 +95,10 @@ def train_table(run: dict, flops_fn: Callable) -> list[str]:
                 f"| {fmt(tps)} ({listing(run, 'tokens_per_s', **sel)}) "
                 f"| {fmt(ratio(run, 'tokens_per_s', sel, ref), '.2f', '×') if is_lk else ''} "
                 f"| {fmt(gflops)}, {fmt(None if gflops is None else 100e9 * gflops / ceiling, '.0f', '%')} "
-                f"| {fmt(best(run, 'peak_rss', **sel) and best(run, 'peak_rss', **sel) / GiB, '.2f')} GiB "
+                f"| {fmt(headline(run, 'peak_rss', **sel) and headline(run, 'peak_rss', **sel) / GiB, '.2f')} GiB "
                 f"({listing(run, 'peak_rss', '.2f', GiB, **sel)}) "
                 f"| {fmt(ratio(run, 'peak_rss', sel, ref), '.2f', '×') if is_lk else ''} "
-                f"| {whole_process_peak(run, **sel)} GiB | {'' if gc else fmt(best(run, 'forward_s', **sel), '.2f')} "
+                f"| {whole_process_peak(run, **sel)} GiB | {'' if gc else fmt(headline(run, 'forward_s', **sel), '.2f')} "
                 f"| {fmt(gc_cost(run, stack, method), '.2f', '×') if gc else ''} |")
     return lines + [""]
 
@@ -112,11 +115,11 @@ def generate_table(run: dict) -> list[str]:
     a = run["args"]
     lines = [f"Generation, greedy, {a['gen_batch']} rows × {a['prompt']} prompt tokens → {a['new_tokens']} new tokens "
              "(lorakit: `lorakit.generate.decode`; PEFT: `model.generate`); B factors random, so the adapter is live. "
-             "Tokens/s, best (per repetition):", "",
+             "Tokens/s, median (per repetition):", "",
              "| stack | unmerged | merged | merged ÷ unmerged |", "| --- | --- | --- | --- |"]
     for stack in ("lorakit", "peft"):
         sel = dict(kind="generate", stack=stack)
-        un, mg = _max(run, "unmerged_tokens_per_s", **sel), _max(run, "merged_tokens_per_s", **sel)
+        un, mg = _median(run, "unmerged_tokens_per_s", **sel), _median(run, "merged_tokens_per_s", **sel)
         cells = [f"{fmt(v, '.1f')} ({listing(run, k, '.1f', **sel)})"
                  for v, k in ((un, "unmerged_tokens_per_s"), (mg, "merged_tokens_per_s"))]
         lines.append(f"| {'lorakit' if stack == 'lorakit' else 'PEFT'} | {cells[0]} | {cells[1]} "
@@ -124,15 +127,15 @@ def generate_table(run: dict) -> list[str]:
     return lines + [""]
 
 
-def _max(run: dict, key: str, **match) -> float | None:
+def _median(run: dict, key: str, **match) -> float | None:
     values = [r[key] for r in rows(run, **match) if r.get(key)]
-    return max(values) if values else None
+    return statistics.median(values) if values else None
 
 
 def quantize_table(run: dict) -> list[str]:
     if not rows(run, kind="quantize"):
         return []
-    lines = ["Whole-model NF4 quantization (blocksize 64, double quant, every linear layer but the head), best "
+    lines = ["Whole-model NF4 quantization (blocksize 64, double quant, every linear layer but the head), median "
              "(per repetition):", "",
              "| stack | kernel over all weights | ÷ bitsandbytes | fp32 checkpoint → 4-bit model in memory |",
              "| --- | --- | --- | --- |"]
@@ -140,19 +143,19 @@ def quantize_table(run: dict) -> list[str]:
                         ("peft", "bitsandbytes `quantize_4bit` / `from_pretrained(BitsAndBytesConfig)`")):
         sel = dict(kind="quantize", stack=stack)
         r = ratio(run, "kernel_s", sel, dict(sel, stack="peft")) if stack == "lorakit" else None
-        lines.append(f"| {name} | {fmt(best(run, 'kernel_s', **sel), '.2f', ' s')} ({listing(run, 'kernel_s', '.2f', **sel)}) "
+        lines.append(f"| {name} | {fmt(headline(run, 'kernel_s', **sel), '.2f', ' s')} ({listing(run, 'kernel_s', '.2f', **sel)}) "
                      f"| {fmt(r, '.2f', '×') if stack == 'lorakit' else ''} "
-                     f"| {fmt(best(run, 'end_to_end_s', **sel), '.2f', ' s')} ({listing(run, 'end_to_end_s', '.2f', **sel)}) |")
+                     f"| {fmt(headline(run, 'end_to_end_s', **sel), '.2f', ' s')} ({listing(run, 'end_to_end_s', '.2f', **sel)}) |")
     return lines + [""]
 
 
 def goals(runs: list[dict], flops_fn: Callable) -> list[str]:
-    """The issue's goals, each a ratio of side-by-side bests, for every run."""
+    """The issue's goals, each a ratio of side-by-side headline figures, for every run."""
     def lk(method, gc=False, stack="lorakit"):
         return dict(kind="train", stack=stack, method=method, gc=gc)
 
     def util(run):
-        tps, ceiling = best(run, "tokens_per_s", **lk("lora")), best(run, "flops", kind="ceiling")
+        tps, ceiling = headline(run, "tokens_per_s", **lk("lora")), headline(run, "flops", kind="ceiling")
         return tps * flops_fn(run["config"], run["args"]["seq"], "lora", False, 16) / ceiling if tps and ceiling else None
 
     tps, rss = "tokens_per_s", "peak_rss"
@@ -197,15 +200,17 @@ def profile_table(profile: dict) -> list[str]:
     return lines + [""]
 
 
-def render(runs: list[dict], flops_fn: Callable, profile: dict | None = None, notes: str = "") -> str:
+def render(title: str, runs: list[dict], flops_fn: Callable, profile: dict | None = None, notes: str = "") -> str:
     m, a = runs[0]["config"], runs[0]["args"]
+    if len({run["model"] for run in runs}) > 1:
+        raise SystemExit("--render: every JSON must come from the same --model (one section per model)")
     lines = [
-        "## Training throughput and memory (CPU)", "",
+        title, "",
         f"Model: random-init Llama, hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, intermediate "
         f"{m['intermediate_size']}, vocab {m['vocab_size']}, untied head; micro-batch {a['batch']} × {a['seq']} tokens, "
         "LoRA r=16, alpha 32, dropout 0, every linear layer but the head; AdamW lr 1e-4, clip 1.0; fp32. Every "
         "figure comes from a fresh process; lorakit and the reference alternate back to back in each repetition. "
-        "Best-of figures (see bench/report.py): contention only slows a run down. Peak RSS training: `ru_maxrss` "
+        "Headline figures are medians (peak RSS: the highest), see bench/report.py. Peak RSS training: `ru_maxrss` "
         "after the high-water mark was reset once the model was loaded (/proc/self/clear_refs), so it covers the "
         "optimizer steps; whole process: loading included. FLOPs per token: bench/bench_train.py's docstring.", "",
         "### Goals", "",
