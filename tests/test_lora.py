@@ -532,6 +532,10 @@ def test_fused_forward_and_gradients_equal_float64(base_kind):
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
     for got, ref in ((x.grad, x64.grad), (A.grad, A64.grad), (B.grad, B64.grad)):
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # inference takes the same maths without an autograd node
+        y_inference = layer(x)
+    assert y_inference.grad_fn is None
+    torch.testing.assert_close(y_inference.double(), want.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_fused_dropout_path_equals_unfused_with_the_same_mask():

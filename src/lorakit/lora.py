@@ -111,20 +111,26 @@ def _frozen_base(layer: nn.Module, dtype: torch.dtype) -> tuple[Callable[[], tor
     return (lambda: weight), bias
 
 
+def _lora_matmul(x, x_lora, A, B, bias, weight_fn, scaling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y (..., out), x_d (M, in), h = x_d Aᵀ (M, r)): the fused forward, shared by training and inference."""
+    x2 = x.reshape(-1, x.shape[-1])  # (M, in)
+    xd = x2 if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1])  # (M, in)
+    weight = weight_fn()  # (out, in); a 4-bit base's is a scratch buffer, used here and dropped
+    y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())  # (M, out)
+    h = torch.mm(xd, A.t())  # (M, r)
+    y.addmm_(h, B.t(), alpha=scaling)  # y += s · h Bᵀ, no (M, out) temporary
+    return y.view(*x.shape[:-1], y.shape[-1]), xd, h
+
+
 class _LoraMatmul(torch.autograd.Function):
     """y = x Wᵀ + b + s · (x_d Aᵀ) Bᵀ for a frozen W; the maths is in the module docstring."""
 
     @staticmethod
     def forward(ctx, x, x_lora, A, B, bias, weight_fn, scaling):
-        x2 = x.reshape(-1, x.shape[-1])  # (M, in)
-        xd = x2 if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1])  # (M, in)
-        weight = weight_fn()  # (out, in); a 4-bit base's is a scratch buffer, used here and dropped
-        y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())  # (M, out)
-        h = torch.mm(xd, A.t())  # (M, r)
-        y.addmm_(h, B.t(), alpha=scaling)  # y += s · h Bᵀ, no (M, out) temporary
+        y, xd, h = _lora_matmul(x, x_lora, A, B, bias, weight_fn, scaling)
         ctx.save_for_backward(xd, h, A, B)
         ctx.weight_fn, ctx.scaling, ctx.same_input = weight_fn, scaling, x_lora is None
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -213,6 +219,8 @@ class LoraLinear(nn.Module):
         weight_fn, bias = base
         dropout = self.lora_dropout[name]
         x_lora = None if isinstance(dropout, nn.Identity) or not dropout.training else dropout(x)
+        if not torch.is_grad_enabled():  # inference (decode, serving): no autograd node per layer and token
+            return _lora_matmul(x, x_lora, A, B, bias, weight_fn, self.scaling[name])[0]
         return _LoraMatmul.apply(x, x_lora, A, B, bias, weight_fn, self.scaling[name])
 
     def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
