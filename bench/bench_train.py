@@ -2,7 +2,7 @@
 
     python bench/bench_train.py --model 100m --repeats 2 --json bench/results/train-100m-1.json   # ~15 min
     python bench/profile_train.py --model 100m --json bench/results/profile-100m.json
-    python bench/bench_train.py --render bench/results/train-100m-1.json bench/results/train-100m-2.json \\
+    python bench/bench_train.py --render bench/results/train-100m-[123].json \\
         --profile bench/results/profile-100m.json --notes bench/results/notes-100m.md --results bench/RESULTS.md
     python bench/bench_train.py --model small --repeats 2          # 21M Llama, a quick run (~6 min)
 
