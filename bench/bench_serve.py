@@ -319,19 +319,6 @@ def markdown(sizes: list[tuple[str, dict[str, dict], Result]], args: argparse.Na
     return "\n".join(lines)
 
 
-def upsert_section(path: Path, section: str) -> None:
-    """Replace the "## Server" section of `path` (up to the next "## " heading), or append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == "## Server"), None)
-    if start is None:
-        path.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    rest = "\n".join(lines[end:])
-    path.write_text("\n".join(lines[:start]) + ("\n" if start else "") + section + ("\n" + rest + "\n" if rest else ""))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=200)
@@ -363,7 +350,10 @@ def main() -> int:
     section = markdown(sizes, args, command, load)
     print("\n" + section)
     if args.results:
-        upsert_section(args.results, section)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from report import upsert_section
+
+        upsert_section(args.results, "## Server", section)
     if args.json:
         args.json.write_text(json.dumps([{"model": label, "rows": rows, "hot_cycles": hot.hot_cycles,
                                           "errors": hot.errors} for label, rows, hot in sizes], indent=2))

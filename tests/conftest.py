@@ -68,6 +68,18 @@ def randomize_lora(model: torch.nn.Module, seed: int = 7) -> None:
                 param.copy_(torch.randn(param.shape, generator=g) * 0.1)
 
 
+def tiny_qlora_some_targets(kind: str) -> torch.nn.Module:
+    """A tiny model with an NF4 base and trained-looking r=4 adapters on the 'minimal' targets only, so that
+    some 4-bit layers carry no adapter (what merge and export must handle)."""
+    from lorakit import LoraConfig, QuantConfig, inject_lora, quantize_model
+
+    model = build_tiny(kind)
+    quantize_model(model, QuantConfig(), compute_dtype=torch.float32, progress=False)
+    inject_lora(model, LoraConfig(r=4, dropout=0.0, target_modules="minimal"))
+    randomize_lora(model)
+    return model
+
+
 @pytest.fixture
 def tiny():
     return build_tiny

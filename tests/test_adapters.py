@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import batch, build_tiny, logits, randomize_lora
+from conftest import batch, build_tiny, logits, randomize_lora, tiny_qlora_some_targets
 from lorakit import (
     AdapterError,
     LoraConfig,
@@ -193,15 +193,20 @@ def test_check_for_vllm(tmp_path):
     assert check_adapter(tmp_path / "b", "vllm") == []
 
 
-def test_export_merged_is_a_plain_transformers_model(tmp_path):
+def assert_export_reloads_with_same_logits(model: torch.nn.Module, directory) -> None:
+    """export_merged writes a plain transformers model that computes what the adapted model computed."""
     import transformers as tf
 
-    model = _trained("llama")
     ids = batch()
     expected = logits(model, ids)
-    export_merged(model, tmp_path / "merged")
-    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    export_merged(model, directory)
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(directory).eval()
     torch.testing.assert_close(logits(reloaded, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_merged_is_a_plain_transformers_model(tmp_path):
+    model = _trained("llama")
+    assert_export_reloads_with_same_logits(model, tmp_path / "merged")
 
 
 # --------------------------------------------------------------------------- more interop
@@ -271,17 +276,8 @@ def test_two_adapters_saved_and_loaded_by_name(tmp_path):
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_export_merged_qlora_reloads_as_plain_transformers_model(kind, tmp_path):
     """Targets that cover only some layers: every 4-bit layer is dequantized, GPT-2 keeps Conv1D."""
-    import transformers as tf
-
-    model = build_tiny(kind)
-    quantize_model(model, QuantConfig(), compute_dtype=torch.float32, progress=False)
-    inject_lora(model, LoraConfig(r=4, dropout=0.0, target_modules="minimal"))
-    randomize_lora(model)
-    ids = batch()
-    expected = logits(model, ids)
-    export_merged(model, tmp_path / "merged")
-    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    torch.testing.assert_close(logits(reloaded, ids), expected, rtol=1e-5, atol=1e-5)
+    model = tiny_qlora_some_targets(kind)
+    assert_export_reloads_with_same_logits(model, tmp_path / "merged")
 
 
 # --------------------------------------------------------------------------- more errors

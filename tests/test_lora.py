@@ -7,7 +7,15 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from conftest import ALL_KINDS, CAUSAL_KINDS, batch, build_tiny, logits, randomize_lora
+from conftest import (
+    ALL_KINDS,
+    CAUSAL_KINDS,
+    batch,
+    build_tiny,
+    logits,
+    randomize_lora,
+    tiny_qlora_some_targets,
+)
 from lorakit import (
     LoraConfig,
     LoraLinear,
@@ -450,10 +458,7 @@ def test_two_adapters_cannot_both_train_the_same_head():
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
 def test_qlora_merge_with_some_targets_leaves_a_plain_model(kind, caplog):
     """Layers without an adapter are dequantized too, and GPT-2's Conv1D comes back as a Conv1D."""
-    model = build_tiny(kind)
-    quantize_model(model, QuantConfig(), compute_dtype=torch.float32, progress=False)
-    inject_lora(model, LoraConfig(r=4, dropout=0.0, target_modules="minimal"))
-    randomize_lora(model)
+    model = tiny_qlora_some_targets(kind)
     ids = batch()
     unmerged = logits(model, ids)
     with caplog.at_level("WARNING"):

@@ -162,14 +162,10 @@ def available_memory(device: str) -> int:
         if not torch.cuda.is_available():
             raise AdviceError("no CUDA device here: pass memory (e.g. memory='24GB') or gpu (e.g. gpu='RTX 4090')")
         return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    from lorakit.devices import proc_kib
+
+    available = proc_kib("/proc/meminfo", "MemAvailable")
+    return available if available is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 # --------------------------------------------------------------------------- model shapes

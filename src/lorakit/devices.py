@@ -39,3 +39,16 @@ def pick_dtype(name: str, device: torch.device | str) -> torch.dtype:
     if device.type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def proc_kib(path: str, key: str) -> int | None:
+    """The `key:` line of a /proc file such as /proc/meminfo or /proc/self/status, in bytes (the kernel
+    writes KiB); None where the file or the key is missing (not Linux)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

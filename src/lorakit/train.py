@@ -44,7 +44,7 @@ from lorakit.checkpoint import (
     trainable_state,
 )
 from lorakit.config import RunConfig, dump_yaml, load_run_config
-from lorakit.devices import pick_device, pick_dtype
+from lorakit.devices import pick_device, pick_dtype, proc_kib
 from lorakit.distributed import (
     all_reduce_sum,
     barrier,
@@ -699,14 +699,8 @@ def peak_memory_bytes(device: torch.device) -> int:
     inherits its parent's peak there, so a run launched from a big Python process would over-report."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    peak = proc_kib("/proc/self/status", "VmHWM")
+    return peak if peak is not None else int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB
 
 
 def write_summary(loop: Loop, adapter_dir: Path | None, device: torch.device) -> dict[str, Any]:
