@@ -124,7 +124,7 @@ def peak_rss() -> int:
 def worker(a: argparse.Namespace) -> dict:
     import torch
 
-    from lorakit.devices import pick_device, pick_dtype
+    from lorakit.runtime.devices import pick_device, pick_dtype
     from lorakit.train import build_optimizer, loss_sum, prepare_model
 
     phases = {"imports": rss_now()}

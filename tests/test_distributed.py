@@ -103,7 +103,7 @@ def ddp_run(root) -> tuple[Path, str]:
 
 def test_rank_shares_partition_the_global_step(monkeypatch):
     """Rank r takes the r-th block of grad_accum micro-batches of each step; together: the single-process step."""
-    import lorakit.distributed as d
+    import lorakit.runtime.distributed as d
     from lorakit.train import BatchPlan
 
     plan = BatchPlan(list(range(37)), micro_batch_size=3, seed=5)

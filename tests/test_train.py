@@ -166,7 +166,7 @@ def test_sigkill_and_resume_logs_identical_losses(base_dir, tmp_path):
 
 
 def test_crash_mid_checkpoint_keeps_previous(base_dir, tmp_path, monkeypatch):
-    import lorakit.checkpoint as ckpt
+    import lorakit.runtime.checkpoint as ckpt
 
     config = make_config(base_dir, tmp_path, "train.max_steps=12", "train.save_every=4", "train.keep_checkpoints=5")
     real_save = ckpt.save_file
@@ -182,7 +182,7 @@ def test_crash_mid_checkpoint_keeps_previous(base_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "save_file", crash_on_second)
     with pytest.raises(OSError, match="simulated crash"):
         train_lora(config, progress=False)
-    from lorakit.checkpoint import list_checkpoints
+    from lorakit.runtime.checkpoint import list_checkpoints
 
     found = list_checkpoints(Path(config.output_dir))
     assert [p.name for p in found] == ["step-000004"]

@@ -25,8 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorakit.atomic import atomic_directory
 from lorakit.config import LoraConfig
+from lorakit.errors import AdapterError
 from lorakit.lora import (
     LoraLinear,
     adapter_configs,
@@ -38,6 +38,7 @@ from lorakit.lora import (
     merge_lora_weights,
     modules_to_save,
 )
+from lorakit.runtime.atomic import atomic_directory
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -48,8 +49,6 @@ VLLM_DEFAULT_MAX_RANK = 16
 VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for --max-lora-rank
 
 
-class AdapterError(ValueError):
-    """An adapter that cannot be loaded or saved as asked; the message says why and what to do."""
 
 
 # --------------------------------------------------------------------------- fingerprint

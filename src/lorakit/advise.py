@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lorakit.config import LoraConfig, QuantConfig, RunConfig, load_run_config
+from lorakit.errors import AdviceError
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,6 @@ GPU_MATMUL_EFFICIENCY = 0.55
 this machine (a GPU that is gets measured)."""
 
 
-class AdviceError(ValueError):
-    """The advisor cannot answer; the message says what to pass instead."""
 
 
 # --------------------------------------------------------------------------- units
@@ -162,7 +161,7 @@ def available_memory(device: str) -> int:
         if not torch.cuda.is_available():
             raise AdviceError("no CUDA device here: pass memory (e.g. memory='24GB') or gpu (e.g. gpu='RTX 4090')")
         return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
-    from lorakit.devices import proc_kib
+    from lorakit.runtime.devices import proc_kib
 
     available = proc_kib("/proc/meminfo", "MemAvailable")
     return available if available is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
@@ -482,8 +481,8 @@ class Workload:
 
 def resolve_workload(config: RunConfig, shape: ModelShape, device: str | None = None, masked: bool = True) -> Workload:
     """Device, dtypes and LoRA targets of `config` as lorakit.train would run it."""
-    from lorakit.devices import cpu_has_fast_bf16
     from lorakit.lora import find_target_modules
+    from lorakit.runtime.devices import cpu_has_fast_bf16
 
     tc = config.train
     dev = (device or _auto_device(tc.device)).split(":")[0]
@@ -524,7 +523,7 @@ def _fused_loss(config: RunConfig, shape: ModelShape, extra_targets: tuple[Linea
 def _auto_device(name: str) -> str:
     if name != "auto":
         return name
-    from lorakit.devices import pick_device
+    from lorakit.runtime.devices import pick_device
 
     return pick_device("auto").type
 
@@ -1391,7 +1390,7 @@ def _rates(dev: str, config: RunConfig, gpu: str | None, calibrate_now: bool) ->
         return assumed_gpu_rates(gpu or "A100-80GB")
     dtype = config.train.dtype
     if dtype == "auto":
-        from lorakit.devices import pick_dtype
+        from lorakit.runtime.devices import pick_dtype
 
         dtype = str(pick_dtype("auto", dev)).removeprefix("torch.")
     if config.method == "full" and dev == "cpu":

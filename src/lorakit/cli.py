@@ -35,7 +35,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lorakit.distributed import launched
+    from lorakit.runtime.distributed import launched
     from lorakit.train import format_summary, train_lora
 
     if args.nproc is not None and args.nproc > 1 and not launched():
@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _relaunch_train(args: argparse.Namespace) -> int:
     """`lorakit train --nproc N`: this same command on N local processes under torch.distributed.run."""
     from lorakit.config import load_run_config
-    from lorakit.distributed import relaunch
+    from lorakit.runtime.distributed import relaunch
 
     config = load_run_config(args.config, args.set)  # report config problems once, before starting N processes
     child = ["train", *([args.config] if args.config else [])]

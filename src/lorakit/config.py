@@ -16,6 +16,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from lorakit.errors import ConfigError
+
 TARGET_PRESETS: dict[str, tuple[str, ...] | None] = {
     "minimal": ("q_proj", "v_proj"),
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -23,14 +25,6 @@ TARGET_PRESETS: dict[str, tuple[str, ...] | None] = {
 }
 
 
-class ConfigError(ValueError):
-    """A config problem a user can fix; the message lists every problem found."""
-
-    def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = problems
-        where = f" in {source}" if source else ""
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{len(problems)} problem(s){where}:\n{lines}")
 
 
 class _Loader(yaml.SafeLoader):

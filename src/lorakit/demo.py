@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lorakit.atomic import atomic_directory, atomic_file
 from lorakit.config import DataConfig, EvalConfig, LoraConfig, RunConfig, TrainConfig
+from lorakit.runtime.atomic import atomic_directory, atomic_file
 
 if TYPE_CHECKING:
     from lorakit.evaluate import EvalSettings

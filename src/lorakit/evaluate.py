@@ -500,7 +500,7 @@ class EvalReport:
         return out
 
     def save(self, out_dir: str | Path, plot: bool = True) -> dict[str, Path]:
-        from lorakit.atomic import atomic_file
+        from lorakit.runtime.atomic import atomic_file
 
         out_dir = Path(out_dir)
         paths = {"json": out_dir / "eval.json", "markdown": out_dir / "eval.md"}
@@ -681,8 +681,8 @@ def default_settings(config: Any) -> EvalSettings:
 def load_for_eval(config: Any, adapter_dir: Path | None) -> tuple[nn.Module, Any]:
     """The base as trained (NF4-quantized for qlora) with the adapter loaded, and its tokenizer."""
     from lorakit.adapters import load_lora_adapter
-    from lorakit.devices import pick_device, pick_dtype
     from lorakit.models import load_model, load_tokenizer
+    from lorakit.runtime.devices import pick_device, pick_dtype
 
     device = pick_device(config.train.device)
     dtype = pick_dtype(config.train.dtype, device)

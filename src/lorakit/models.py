@@ -14,11 +14,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lorakit.errors import ModelLoadError
+
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(ValueError):
-    """The base model or tokenizer could not be loaded; the message says why and what to do."""
 
 
 def resolve_base(base_model: str) -> str:

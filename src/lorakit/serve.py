@@ -1110,9 +1110,9 @@ def build_app(state: ServerState) -> Any:
 def create_state(settings: ServeSettings) -> ServerState:
     """Validate the settings, load the base (NF4 if asked) and the start-up adapters, start the engine."""
     from lorakit.config import QuantConfig
-    from lorakit.devices import pick_device, pick_dtype
     from lorakit.models import load_model, load_tokenizer
     from lorakit.quant import quantize_model
+    from lorakit.runtime.devices import pick_device, pick_dtype
 
     problems = settings.problems()
     if problems:

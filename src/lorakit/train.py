@@ -11,7 +11,7 @@ The data order is a pure function of (seed, epoch), and a checkpoint stores the 
 optimizer and schedule, RNG states and the count of micro-batches consumed; resuming therefore
 continues bit-for-bit (on CPU in fp32) as if the run had never stopped.
 
-Under torchrun the same loop runs on W ranks (lorakit.distributed): each optimizer step takes K·W
+Under torchrun the same loop runs on W ranks (lorakit.runtime.distributed): each optimizer step takes K·W
 micro-batches of the one data order, rank r the r-th block of K, N is all-reduced before backward, and
 the losses equal those of one process with grad_accum K·W. Rank 0 alone logs and writes files.
 """
@@ -34,8 +34,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.adapters import save_lora_adapter
-from lorakit.atomic import atomic_directory, atomic_file
-from lorakit.checkpoint import (
+from lorakit.config import RunConfig, dump_yaml, load_run_config
+from lorakit.errors import TrainingError
+from lorakit.lora import inject_lora, parameter_report
+from lorakit.runtime.atomic import atomic_directory, atomic_file
+from lorakit.runtime.checkpoint import (
     RunState,
     list_checkpoints,
     load_checkpoint,
@@ -43,9 +46,8 @@ from lorakit.checkpoint import (
     save_checkpoint,
     trainable_state,
 )
-from lorakit.config import RunConfig, dump_yaml, load_run_config
-from lorakit.devices import pick_device, pick_dtype, proc_kib
-from lorakit.distributed import (
+from lorakit.runtime.devices import pick_device, pick_dtype, proc_kib
+from lorakit.runtime.distributed import (
     all_reduce_sum,
     barrier,
     broadcast,
@@ -66,13 +68,10 @@ from lorakit.distributed import (
     world_size,
     wrap_model,
 )
-from lorakit.lora import inject_lora, parameter_report
 
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
-    """The run stopped for a reason the user must act on; the message says what to do."""
 
 
 @dataclass
@@ -484,7 +483,7 @@ def train_lora(config: RunConfig | str | Path, overrides: list[str] | None = Non
     `config` is a RunConfig or a YAML path (validated whole before any weight is loaded). With
     `memory_check` the advisor predicts the peak memory from config.json alone and stops the run, with
     what to change, before any weight is loaded when it would not fit. Under torchrun every rank calls
-    this (see lorakit.distributed); a worker group that torchrun restarted resumes by itself."""
+    this (see lorakit.runtime.distributed); a worker group that torchrun restarted resumes by itself."""
     if not isinstance(config, RunConfig):
         config = load_run_config(config, overrides)
     with process_group(config.train.device) as device:

@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.config import LoraConfig, QuantConfig
-from lorakit.devices import pick_dtype
+from lorakit.runtime.devices import pick_dtype
 from lorakit.lora import LoraLinear, inject_lora
 from lorakit.quant import NF4Linear, dequantize_nf4, quantize_model, quantize_nf4
 
@@ -247,7 +247,7 @@ def test_whole_model_bytes_per_quantized_parameter():
 
 
 def test_compute_dtype_auto_is_bf16_on_cuda_and_fp32_on_cpu_without_native_bf16(monkeypatch):
-    import lorakit.devices as devices
+    import lorakit.runtime.devices as devices
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert pick_dtype("auto", "cuda") == torch.bfloat16

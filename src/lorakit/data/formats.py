@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorakit.errors import DataError
+
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant")
 FORMAT_FIELDS = {
@@ -32,8 +34,6 @@ FORMAT_FIELDS = {
 ACCEPTED = "messages (chat), instruction+output (alpaca), prompt+completion (completion), text (text)"
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file, line or field and says what to do."""
 
 
 @dataclass

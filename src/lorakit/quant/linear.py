@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.config import QuantConfig
-from lorakit.devices import pick_dtype
 from lorakit.quant.nf4 import NF4State, _tables, dequantize_nf4, quantize_nf4
+from lorakit.runtime.devices import pick_dtype
 
 _FP32_SCALES = ("absmax", "absmax2", "offset")
 _STORAGE = ("packed", "absmax", "qabsmax", "absmax2", "offset")  # NF4State tensor fields
@@ -156,7 +156,7 @@ class NF4Linear(nn.Module):
 
     def state(self) -> NF4State:
         # By name, not named_buffers(): under FSDP2 the uint8 codes are frozen parameters (so that they
-        # are sharded; see lorakit.distributed.shardable_nf4_storage).
+        # are sharded; see lorakit.runtime.distributed.shardable_nf4_storage).
         tensors = {name: getattr(self, name) for name in _STORAGE if getattr(self, name, None) is not None}
         shape = torch.Size((self.out_features, self.in_features))
         return NF4State(shape=shape, blocksize=self.blocksize, blocksize2=self.blocksize2, **tensors)

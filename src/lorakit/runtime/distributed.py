@@ -77,7 +77,7 @@ def restarted() -> bool:
 
 def pick_rank_device(name: str) -> torch.device:
     """The device of this rank: cuda:LOCAL_RANK under a CUDA launch, else the configured one."""
-    from lorakit.devices import pick_device
+    from lorakit.runtime.devices import pick_device
 
     device = pick_device(name)
     if not launched() or device.type == "cpu":
@@ -364,7 +364,7 @@ def _signal_name(number: int) -> str:
 
 
 def _last_checkpoint(output_dir: Path) -> Path | None:
-    from lorakit.checkpoint import list_checkpoints
+    from lorakit.runtime.checkpoint import list_checkpoints
 
     found = list_checkpoints(output_dir)
     return found[-1] if found else None

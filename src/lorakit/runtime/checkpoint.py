@@ -30,8 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorakit.atomic import atomic_directory, recover_directory
-from lorakit.distributed import (
+from lorakit.runtime.atomic import atomic_directory, recover_directory
+from lorakit.runtime.distributed import (
     barrier,
     broadcast,
     copy_full_,
