@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.metadata
 import json
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,13 @@ from lorakit.lora import (
     fan_in_fan_out,
     inject_lora,
     is_conv1d,
+    layer_shape,
     linear_module_names,
     lora_layers,
     merge_lora_weights,
     modules_to_save,
 )
+from lorakit.quant.linear import NF4Linear
 from lorakit.runtime.atomic import atomic_directory
 
 CONFIG_FILE = "adapter_config.json"
@@ -49,6 +52,20 @@ VLLM_DEFAULT_MAX_RANK = 16
 VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for --max-lora-rank
 
 
+
+
+def lorakit_version() -> str:
+    """The installed lorakit's version (recorded in every adapter's lorakit.json)."""
+    try:
+        return importlib.metadata.version("lorakit")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def read_chat_template(adapter_dir: str | Path | None) -> str | None:
+    """The chat template saved beside an adapter (what training rendered with), or None."""
+    path = Path(adapter_dir) / TEMPLATE_FILE if adapter_dir else None
+    return path.read_text(encoding="utf-8") if path is not None and path.is_file() else None
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -78,8 +95,6 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
 
 
 def base_weight_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    from lorakit.quant.linear import NF4Linear
-
     shapes = []
     for name, module in model.named_modules():
         if ".lora_" in f".{name}" or isinstance(module, LoraLinear):
@@ -160,10 +175,9 @@ def save_lora_adapter(
     if adapter_name not in configs:
         raise AdapterError(f"no adapter named {adapter_name!r} on this model; adapters here: {list(configs)}")
     tensors = lora_state_dict(model, adapter_name)
-    from lorakit import __version__
 
     meta = {
-        "lorakit_version": __version__,
+        "lorakit_version": lorakit_version(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "adapter_name": adapter_name,
         "base_model": base_fingerprint(model),
@@ -308,8 +322,6 @@ def _check_modules(model: nn.Module, lora: dict, full: dict, adapter_dir: Path, 
 
 
 def _shape(layer: nn.Module) -> tuple[int, int]:
-    from lorakit.lora import layer_shape
-
     return layer_shape(layer)
 
 

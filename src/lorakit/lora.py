@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.config import TARGET_PRESETS, LoraConfig
+from lorakit.quant.linear import NF4Linear, dequantize_scratch
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,8 @@ assert set(PRESET_SPELLINGS) | {"all-linear"} == set(TARGET_PRESETS)
 
 
 def linear_types() -> tuple[type, ...]:
-    """Layer types LoRA can wrap; imported lazily so lorakit.lora has no hard dep on quant."""
+    """Layer types LoRA can wrap (Conv1D imported here: transformers is heavy to import)."""
     from transformers.pytorch_utils import Conv1D
-
-    from lorakit.quant.linear import NF4Linear
 
     return (nn.Linear, Conv1D, NF4Linear)
 
@@ -93,8 +92,6 @@ def _frozen_base(layer: nn.Module, dtype: torch.dtype) -> tuple[Callable[[], tor
     Only exact nn.Linear / Conv1D / NF4Linear without hooks: a subclass (bitsandbytes' Linear4bit) or
     a hooked module (accelerate's offloading) must run its own forward."""
     from transformers.pytorch_utils import Conv1D
-
-    from lorakit.quant.linear import NF4Linear, dequantize_scratch
 
     if layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook"):
         return None
@@ -473,8 +470,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; a 4-bit layer counts its logical in×out weights."""
-    from lorakit.quant.linear import NF4Linear
-
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
@@ -500,8 +495,6 @@ def merge_lora_weights(model: nn.Module, remove_wrappers: bool = True) -> nn.Mod
     dequantized too, so the result holds no NF4 buffers that transformers could not load.
     Without `remove_wrappers` the wrappers stay so that `unmerge_lora_weights` can undo the merge.
     """
-    from lorakit.quant.linear import NF4Linear
-
     quantized = 0
     for name, layer in list(lora_layers(model)):
         if isinstance(layer.base_layer, NF4Linear):
@@ -533,8 +526,6 @@ def merge_lora_weights(model: nn.Module, remove_wrappers: bool = True) -> nn.Mod
 
 
 def _dequantize_remaining(model: nn.Module) -> int:
-    from lorakit.quant.linear import NF4Linear
-
     names = [name for name, module in model.named_modules() if isinstance(module, NF4Linear)]
     for name in names:
         _replace_module(model, name, model.get_submodule(name).dequantized_layer(dtype=_model_dtype(model)))

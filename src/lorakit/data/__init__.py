@@ -29,7 +29,7 @@ from lorakit.data.templates import BUILTIN_TEMPLATES, IGNORE, Example, encode_re
 __all__ = [
     "BUILTIN_TEMPLATES", "IGNORE", "DataError", "Example", "PackedRow", "PreparedData", "Record", "collate",
     "encode_record", "inspect_data", "model_inputs", "pack_examples", "packed_positions_and_mask", "padding_waste", "prepare_data",
-    "read_rows",
+    "read_rows", "read_rows_only", "training_rows",
 ]
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,19 @@ class PreparedData:
     stats: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None  # saved with the adapter so inference renders exactly the same
     label_names: list[str] | None = None  # seq_cls with named classes
+
+
+def training_rows(examples: list[Example], packing: bool, task: str, max_seq_len: int) -> list[Any]:
+    """What a micro-batch samples from, in training and in eval alike: packed rows of several examples
+    (causal LM with packing), else the examples themselves."""
+    if not packing or task != "causal_lm":
+        return list(examples)
+    return pack_examples(examples, max_seq_len)
+
+
+def read_rows_only(source: str) -> list[dict[str, Any]]:
+    """The rows of `source` (file, directory or hub id) without their origins: eval prompts, canaries."""
+    return [row for row, _ in read_rows(source)]
 
 
 def prepare_data(config: Any, tokenizer: Any, task: str = "causal_lm", batch_size: int = 4) -> PreparedData:

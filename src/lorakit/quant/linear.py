@@ -122,6 +122,8 @@ class NF4Linear(nn.Module):
     `conv1d` records that the weight came from a GPT-2 Conv1D, so that `dequantized_layer` gives one back.
     """
 
+    fsdp_shardable_buffers = ("packed", "qabsmax")  # uint8, 1-D: the bulk of a 4-bit weight; FSDP2 shards them
+
     def __init__(
         self, state: NF4State, bias: torch.Tensor | None, compute_dtype: torch.dtype, conv1d: bool = False
     ):
