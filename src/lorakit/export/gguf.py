@@ -85,6 +85,7 @@ def export_gguf(
 ) -> ExportResult:
     """Export RUN_OR_ADAPTER `source` (see source.py) to `out_dir` (default: beside it) as GGUF."""
     _check_choices(fmt, dtype)
+    _require_gguf()
     inputs = resolve_inputs(source, base)
     out = Path(out_dir) if out_dir else default_out_dir(Path(source), fmt, dtype)
     _check_out_dir(out, force, inputs)
@@ -113,6 +114,13 @@ def export_gguf(
                            tokenizer.eos_token, dtype)
     files = [out / model_file.name, *([out / lora_file.name] if lora_file else [])]
     return ExportResult(out, files, family.gguf_arch, len(adapter.factors) if adapter else 0, _notes(inputs, adapter, fmt, chat))
+
+
+def _require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ExportError("GGUF export needs the `gguf` package: pip install 'lorakit[export]'") from None
 
 
 def _check_choices(fmt: str, dtype: str) -> None:

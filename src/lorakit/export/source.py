@@ -42,13 +42,16 @@ class ExportError(ValueError):
 
 
 class BaseCheckpoint:
-    """The base model's tensors by name, read one at a time from its safetensors files (mmap'd).
+    """The base model's tensors by name, read one at a time from its safetensors files.
 
-    Peak memory while reading is one tensor: nothing else of the checkpoint is materialized."""
+    Each read copies one tensor from the file into fresh memory (plain reads, no mmap), so after it is
+    written and dropped nothing of the checkpoint stays resident: the peak is one tensor, not the model
+    (an mmap'd read leaves every page touched in the process's RSS until the kernel reclaims it).
+
+    safetensors layout: 8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}} (offsets relative to the end of the header), then the data."""
 
     def __init__(self, model_dir: Path):
-        from safetensors import safe_open
-
         files = sorted(model_dir.glob("*.safetensors"))
         if not files:
             pickles = sorted(p.name for p in model_dir.glob("*.bin"))
@@ -56,20 +59,47 @@ class BaseCheckpoint:
                     "save_pretrained(dir, safe_serialization=True)") if pickles else "it holds no weights"
             raise ExportError(f"base model {model_dir}: no *.safetensors file; {hint}")
         self.dir = model_dir
-        self._files = {f: safe_open(str(f), framework="pt") for f in files}
-        self._where = {name: f for f, handle in self._files.items() for name in handle.keys()}
+        self._entries: dict[str, tuple[Path, int, dict[str, Any]]] = {}
+        for f in files:
+            start, header = _read_header(f)
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    self._entries[name] = (f, start, entry)
 
     def names(self) -> list[str]:
-        return list(self._where)
+        return list(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return name in self._entries
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._files[self._where[name]].get_slice(name).get_shape())
+        return tuple(self._entries[name][2]["shape"])
 
     def read(self, name: str) -> torch.Tensor:
-        return self._files[self._where[name]].get_tensor(name)
+        path, start, entry = self._entries[name]
+        begin, end = entry["data_offsets"]
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ExportError(f"{path}: tensor {name} has dtype {entry['dtype']}; the export reads {sorted(_DTYPES)}")
+        buffer = bytearray(end - begin)
+        with open(path, "rb") as f:
+            f.seek(start + begin)
+            if f.readinto(buffer) != len(buffer):
+                raise ExportError(f"{path} is truncated at tensor {name}; re-download or re-save the model")
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(offset of the data, header JSON) of one safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            return 8 + n, json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path} is not a readable safetensors file ({e}); re-download or re-save the model") from None
 
 
 def load_config(model_dir: Path) -> Any:
