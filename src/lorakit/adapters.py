@@ -227,7 +227,7 @@ def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     path = adapter_dir / WEIGHTS_FILE
     if not path.is_file():
         if (adapter_dir / "adapter_model.bin").is_file():
@@ -250,8 +250,8 @@ def load_lora_adapter(
     peft_config = read_adapter_config(adapter_dir)
     if check_base:
         _check_fingerprint(model, adapter_dir)
-    tensors = _read_tensors(adapter_dir)
-    lora, full = _split_keys(tensors, adapter_dir)
+    tensors = read_adapter_tensors(adapter_dir)
+    lora, full = split_adapter_keys(tensors, adapter_dir)
     _check_modules(model, lora, full, adapter_dir, int(peft_config.get("r", 8)))
     config = LoraConfig(
         r=int(peft_config.get("r", 8)),
@@ -266,7 +266,7 @@ def load_lora_adapter(
     return targets
 
 
-def _split_keys(tensors: dict[str, torch.Tensor], adapter_dir: Path) -> tuple[dict, dict]:
+def split_adapter_keys(tensors: dict[str, torch.Tensor], adapter_dir: Path) -> tuple[dict, dict]:
     """{module: {'A': t, 'B': t}} for LoRA factors, {param path: t} for modules trained in full."""
     lora: dict[str, dict[str, torch.Tensor]] = {}
     full: dict[str, torch.Tensor] = {}
@@ -408,7 +408,7 @@ def check_adapter(adapter_dir: str | Path, target: str = "vllm") -> list[str]:
     problems = []
     try:
         config = read_adapter_config(adapter_dir)
-        tensors = _read_tensors(adapter_dir)
+        tensors = read_adapter_tensors(adapter_dir)
     except AdapterError as e:
         return [str(e)]
     if target == "vllm":

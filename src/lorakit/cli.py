@@ -20,6 +20,7 @@ from lorakit.config import RunConfig, field_help, load_run_config
 from lorakit.data import inspect_data
 from lorakit.demo import resolve_base_name
 from lorakit.errors import LorakitError
+from lorakit.export.gguf import export_gguf
 from lorakit.models import load_tokenizer
 from lorakit.quickstart import run_quickstart
 from lorakit.runtime.checkpoint import newest_checkpoint
@@ -105,6 +106,13 @@ def cmd_adapters_check(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     out = api.merge(args.base, args.adapter, args.out)
     print(f"merged model written to {out} (standard transformers format, safetensors)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    result = export_gguf(args.source, args.out, fmt=args.format, dtype=args.dtype, base=resolve_base_name(args.base) if args.base else None, force=args.force,
+                         check_base=not args.no_check_base, progress=not args.quiet)
+    print(result.summary())
     return 0
 
 
@@ -203,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="adapter directory")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="GGUF for llama.cpp and Ollama (merged, or base + GGUF LoRA), with a Modelfile")
+    p.add_argument("source", metavar="RUN_OR_ADAPTER", help="run directory, adapter directory or model directory")
+    p.add_argument("--format", choices=["gguf", "gguf-lora"], default="gguf",
+                   help="gguf: one file, adapter merged (default); gguf-lora: base GGUF + the adapter as a GGUF LoRA")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16", help="tensor type (default f16)")
+    p.add_argument("--out", help="output directory (default: <run>/<format>-<dtype>)")
+    p.add_argument("--base", help="base model (hub id or directory) if the run or adapter does not name it")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-check-base", action="store_true", help="skip the adapter's base-model fingerprint check")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="one answer from the command line")
     p.add_argument("--base", required=True, help="hub id or directory of the base model ('demo' for the built-in one)")

@@ -1,0 +1,1 @@
+"""Deploy a trained run outside lorakit: GGUF files for llama.cpp and Ollama (`lorakit export`)."""
