@@ -21,7 +21,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lorakit.runtime.atomic import atomic_directory
 from lorakit.export.gguf_arch import (
     Family,
     Hparams,
@@ -45,6 +44,7 @@ from lorakit.export.source import (
     read_adapter,
     resolve_inputs,
 )
+from lorakit.runtime.atomic import atomic_directory
 
 Dtype = Literal["f32", "f16", "bf16", "q8_0"]
 Format = Literal["gguf", "gguf-lora"]
