@@ -1,0 +1,202 @@
+"""Recommendations, each with its reason, from the published decision tables (method by memory ratio,
+rank by task, alpha = 2r, targets, learning rate by method, dropout by dataset size, micro-batch ×
+accumulation for an effective batch of 16–64); then the memory model steps the batch, checkpointing,
+targets and method down until the run fits."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from lorakit.advise.memory import memory_model
+from lorakit.advise.shapes import ModelShape
+from lorakit.advise.units import fmt_bytes
+from lorakit.advise.workload import resolve_workload
+from lorakit.config import LoraConfig, RunConfig
+from lorakit.errors import AdviceError
+
+# --------------------------------------------------------------------------- the decision tables
+
+RANK_BY_TASK = {
+    "classification": 4, "sentiment": 4, "seq_cls": 4,
+    "qa": 8, "summarization": 8, "translation": 8, "extraction": 8,
+    "chat": 16, "instruction": 16, "causal_lm": 16,
+    "code": 32, "reasoning": 32, "math": 32,
+}
+LR_BY_METHOD = {"full": (1e-5, 5e-5, 2e-5), "lora": (5e-5, 2e-4, 1e-4), "qlora": (1e-4, 3e-4, 2e-4)}
+
+
+@dataclass
+class Recommendation:
+    key: str  # the YAML key it sets (or a topic)
+    value: Any
+    reason: str
+
+
+def method_by_memory(memory: int, n_params: int) -> tuple[str, str]:
+    """Full at >= 2× the fp16 model size, LoRA at >= 1×, QLoRA at >= 1/4, else a smaller model/offload."""
+    fp16 = 2 * n_params
+    ratio = memory / fp16
+    sizes = f"{fmt_bytes(memory)} available = {ratio:.2f}× the fp16 model ({fmt_bytes(fp16)})"
+    if ratio >= 2:
+        return "full", f"{sizes} >= 2×: full fine-tuning fits the table"
+    if ratio >= 1:
+        return "lora", f"{sizes}: 1–2× -> LoRA on a 16-bit base"
+    if ratio >= 0.25:
+        return "qlora", f"{sizes}: 1/4–1× -> QLoRA (4-bit base)"
+    return "none", f"{sizes} < 1/4: use a smaller model or CPU offloading"
+
+
+def rank_by_task(task: str | None) -> tuple[int, str]:
+    t = (task or "chat").lower()
+    r = RANK_BY_TASK.get(t)
+    if r is None:
+        raise AdviceError(f"task {task!r} is not one of: {', '.join(sorted(RANK_BY_TASK))}")
+    return r, (f"task {t}: rank {r} (4 classification, 8 single-domain QA/summarization/translation, 16 chat/"
+               "instruction, 32 code/reasoning; 64 only after an ablation shows 32 underfits)")
+
+
+def dropout_by_examples(examples: int | None) -> tuple[float, str]:
+    if examples is None:
+        return 0.05, "dataset size unknown: 0.05 (0.1 below 5K examples, 0.0 above 100K)"
+    if examples < 5_000:
+        return 0.1, f"{examples:,} examples < 5K: dropout 0.1 regularizes a small dataset"
+    if examples <= 100_000:
+        return 0.05, f"{examples:,} examples in 5K–100K: dropout 0.05"
+    return 0.0, f"{examples:,} examples > 100K: no dropout needed"
+
+
+def target_effective_batch(examples: int | None) -> int:
+    if examples is None or examples < 5_000:
+        return 16
+    return 32 if examples <= 100_000 else 64
+
+
+def epochs_by_examples(examples: int | None) -> float:
+    if examples is None or examples < 5_000:
+        return 3
+    return 2 if examples <= 100_000 else 1
+
+
+# --------------------------------------------------------------------------- recommending a run that fits
+
+
+def recommend(config: RunConfig, shape: ModelShape, available: int, dev: str, task: str | None,
+               examples: int | None, serving: str, given: bool, rates: dict[str, Any],
+               notes: list[str]) -> list[Recommendation]:
+    """Fill `config` from the decision tables (only the keys a given config leaves to us: none; it is
+    predicted as is and the recommendations are advice), then make the memory model agree."""
+    recs = []
+    method, why = method_by_memory(available, shape.n_params)
+    task_name = task or ("seq_cls" if config.task == "seq_cls" else None)
+    r, r_why = rank_by_task(task_name)
+    dropout, d_why = dropout_by_examples(examples)
+    target_batch = target_effective_batch(examples)
+    if method == "none":
+        notes.append(f"method: {why}")
+        method = "qlora"
+    recs.append(Recommendation("method", method, why))
+    if not given:
+        config.method = method
+        config.lora = LoraConfig(r=r, alpha=2 * r, dropout=dropout, target_modules="all-linear")
+        config.train.lr = LR_BY_METHOD[method][2]
+        config.train.epochs = epochs_by_examples(examples)
+        config.train.device = dev
+        if task_name == "seq_cls":
+            config.task = "seq_cls"
+    recs.append(Recommendation("lora.r", r, r_why))
+    recs.append(Recommendation("lora.alpha", 2 * r, "alpha = 2r: scaling 2 keeps the update's size stable across ranks"))
+    recs.append(Recommendation("lora.dropout", dropout, d_why))
+    lo, hi, pick = LR_BY_METHOD[config.method]
+    recs.append(Recommendation("train.lr", pick, f"{config.method}: {lo:g}–{hi:g} (full 1e-5–5e-5, LoRA 5e-5–2e-4, "
+                                                 "QLoRA 1e-4–3e-4); higher with small effective batches"))
+    if given:
+        recs += _check_given(config, r, dropout)
+        fit = _fit_batch(config, shape, available, dev, target_batch, change=False)
+    else:
+        fit = _fit_batch(config, shape, available, dev, target_batch, change=True)
+    recs += fit
+    recs.append(Recommendation("train.epochs", epochs_by_examples(examples),
+                               "3 epochs below 5K examples, 2 up to 100K, 1 above: more overfits small adapters"))
+    recs.append(_serving_rec(serving, config.method))
+    return recs
+
+
+def _check_given(config: RunConfig, r: int, dropout: float) -> list[Recommendation]:
+    out = []
+    lo, hi, _ = LR_BY_METHOD[config.method]
+    if not lo <= config.train.lr <= hi:
+        out.append(Recommendation("train.lr (yours)", config.train.lr, f"outside {lo:g}–{hi:g} for {config.method}"))
+    if config.method != "full" and config.lora.alpha != 2 * config.lora.r:
+        out.append(Recommendation("lora.alpha (yours)", config.lora.alpha, f"alpha = 2r = {2 * config.lora.r} is the usual choice"))
+    return out
+
+
+def _fit_batch(config: RunConfig, shape: ModelShape, available: int, dev: str, target: int,
+               change: bool) -> list[Recommendation]:
+    """Largest micro-batch (≤ target) that fits with 10% headroom, checkpointing only when needed; then
+    the targets and method step down (all-linear -> attention -> minimal, LoRA -> QLoRA) until it fits."""
+    budget = 0.9 * available
+    trial = copy.deepcopy(config)
+    for method in _methods_from(config.method):
+        trial.method = method
+        for targets in ("all-linear", "attention", "minimal") if method != "full" else ("all-linear",):
+            trial.lora.target_modules = targets if change else config.lora.target_modules
+            for gc in (False, True):
+                trial.train.gradient_checkpointing = gc
+                for micro in (16, 8, 4, 2, 1):
+                    if micro > target:
+                        continue
+                    trial.train.micro_batch_size, trial.train.grad_accum = micro, max(1, target // micro)
+                    peak = memory_model(resolve_workload(trial, shape, dev), shape).peak_bytes
+                    if peak <= budget:
+                        return _batch_recs(config, trial, peak, available, target, change)
+            if not change:
+                break
+        if not change:
+            break
+    if change:  # nothing fits: keep the table's method, at the least memory it can take
+        tc = config.train
+        tc.micro_batch_size, tc.grad_accum, tc.gradient_checkpointing = 1, target, True
+    return [Recommendation("fit", None, f"nothing fits {fmt_bytes(available)}, not even micro-batch 1 with checkpointing "
+                                         f"and QLoRA at seq {config.data.max_seq_len}: shorten data.max_seq_len, use a "
+                                         "smaller model or a machine with more memory")]
+
+
+def _methods_from(method: str) -> list[str]:
+    order = ["full", "lora", "qlora"]
+    return order[order.index(method):]
+
+
+def _batch_recs(config: RunConfig, trial: RunConfig, peak: int, available: int, target: int,
+                change: bool) -> list[Recommendation]:
+    tc = trial.train
+    fits = f"predicted peak {fmt_bytes(peak)} of {fmt_bytes(available)}"
+    recs = [
+        Recommendation("train.micro_batch_size", tc.micro_batch_size, f"the largest that fits with 10% headroom ({fits})"),
+        Recommendation("train.grad_accum", tc.grad_accum,
+                       f"effective batch {tc.micro_batch_size * tc.grad_accum} (16 below 5K examples, 32 to 100K, 64 above)"),
+        Recommendation("train.gradient_checkpointing", tc.gradient_checkpointing,
+                       "needed to fit" if tc.gradient_checkpointing else "fits without: ~25–35% faster steps"),
+    ]
+    if trial.method != "full":
+        recs.append(Recommendation("lora.target_modules", trial.lora.target_modules,
+                                   "all-linear trains best (QLoRA paper); attention/minimal only to save memory"))
+    if trial.method != config.method:
+        recs.insert(0, Recommendation("method (fit)", trial.method, f"{config.method} does not fit; {trial.method} does"))
+    if change:
+        config.method = trial.method
+        config.lora.target_modules = trial.lora.target_modules
+        config.train.micro_batch_size, config.train.grad_accum = tc.micro_batch_size, tc.grad_accum
+        config.train.gradient_checkpointing = tc.gradient_checkpointing
+        config.train.lr = LR_BY_METHOD[trial.method][2]
+    return recs
+
+
+def _serving_rec(serving: str, method: str) -> Recommendation:
+    if serving == "multi":
+        return Recommendation("serving", "multi", "keep adapters separate (one base, many adapters batched per row); "
+                                                  "use one rank and target set for all of them")
+    merged = " (QLoRA merges into a full-precision base: plan 2 B/weight to serve)" if method == "qlora" else ""
+    return Recommendation("serving", "single", f"merge the adapter into the base for zero adapter overhead{merged}")
