@@ -5,6 +5,8 @@ tests/conftest.py, which other tests import as `conftest`."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import transformers as tf
@@ -55,3 +57,20 @@ def real_model(config: RunConfig, tied: bool = False) -> nn.Module:
 def predicted(config: RunConfig, masked: bool):
     shape = model_shape(config.base_model)
     return resolve_workload(config, shape, "cpu", masked=masked), shape
+
+
+def nf4_by_hand(n: int, blocksize: int = 64) -> int:
+    """NF4 with double quant for n weights (n a multiple of 64): n/2 bytes of codes, one 8-bit absmax per
+    64, one fp32 scale per 256 absmax blocks, one fp32 offset."""
+    blocks = n // blocksize
+    return n // 2 + blocks + 4 * math.ceil(blocks / 256) + 4
+
+
+def llama3_8b_by_hand() -> dict[str, int]:
+    """Llama-3-8B from its published shapes (hidden 4096, intermediate 14336, 32 layers, 32 query / 8 KV heads
+    of 128, vocab 128256, untied head, bf16 checkpoint): what QLoRA stores and streams."""
+    d, i, layers, kv, vocab = 4096, 14336, 32, 8 * 128, 128256
+    linears = [d * d, d * kv, d * kv, d * d, d * i, d * i, i * d]  # q, k, v, o, gate, up, down
+    unquantized = 2 * vocab * d + layers * 2 * d + d  # embedding, head, 2 RMSNorms per layer, final norm
+    return {"nf4": layers * sum(nf4_by_hand(n) for n in linears), "unquantized": 2 * unquantized,
+            "largest": d * i, "params": layers * sum(linears) + unquantized}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from advise_tiny import fixed_rates_fixture, predicted, run_config, tiny_dir_fixture  # noqa: F401
+from advise_tiny import fixed_rates_fixture, llama3_8b_by_hand, predicted, run_config, tiny_dir_fixture  # noqa: F401
 
 from lorakit.advise import memory_model
 from lorakit.cli import main as cli_main
@@ -62,3 +62,17 @@ def test_cli_bad_inputs_are_user_errors(args, message, capsys):
 def test_cli_model_directory_without_config(tmp_path, capsys):
     assert cli_main(["advise", "--model", str(tmp_path), "--memory", "8GB"]) == 2
     assert "has no config.json" in capsys.readouterr().err
+
+
+def test_cli_8b_qlora_fits_a_24_gib_machine(capsys):
+    """`lorakit advise --model 8B --memory 24GB --set method=qlora`: NF4 weights + bf16 embeddings and head +
+    activations fit; the load (streamed) is not the peak, and the notes say what is streamed."""
+    hand = llama3_8b_by_hand()
+    assert cli_main(["advise", "--model", "8B", "--memory", "24GB", "--set", "method=qlora", "--device", "cpu",
+                     "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] and out["peak_memory_bytes"] <= 24 * 10**9 and out["peak_phase"] != "load"
+    assert out["memory_terms"]["weights"]["bytes"] == hand["nf4"] + hand["unquantized"]
+    assert out["phases_bytes"]["load"] < 7 * 2**30
+    assert any("the QLoRA load is streamed" in note and "bfloat16" in note for note in out["notes"])
+    assert {r["key"]: r["value"] for r in out["recommendations"]}["method"] == "qlora"

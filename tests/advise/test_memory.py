@@ -3,10 +3,27 @@ parameters, what autograd saves), and the terms and phases as a whole."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as tf
-from advise_tiny import TINY, B, T, fixed_rates_fixture, predicted, real_model, run_config, tiny_dir_fixture  # noqa: F401
+from advise_tiny import (  # noqa: F401
+    TINY,
+    B,
+    T,
+    fixed_rates_fixture,
+    llama3_8b_by_hand,
+    nf4_by_hand,
+    predicted,
+    real_model,
+    run_config,
+    tiny_dir_fixture,
+)
 from torch import nn
 
 from lorakit.advise import (
@@ -15,10 +32,14 @@ from lorakit.advise import (
     layer_activation_bytes,
     lora_parameter_count,
     memory_model,
+    model_shape,
     nf4_bytes,
     optimizer_state_bytes,
+    resolve_workload,
     weight_bytes,
 )
+from lorakit.advise.memory import QUANTIZE_WORKSPACE_BYTES, load_bytes, qlora_load_parts, qlora_weight_bytes
+from lorakit.config import RunConfig, TrainConfig
 from lorakit.loss import causal_lm_loss_sum
 from lorakit.quant import NF4Linear
 
@@ -134,3 +155,76 @@ def test_memory_terms_add_up_and_respond_to_settings(tiny_dir):
     assert memory_model(*predicted(longer, True)).term("activations") > 4 * base.term("activations")
     gc = memory_model(*predicted(run_config(tiny_dir, gc=True), True))
     assert gc.term("activations") < base.term("activations") and gc.term("recompute") > 0
+
+
+# --------------------------------------------------------------------------- QLoRA: storage dtype and streamed load
+
+
+def test_qlora_8b_weights_and_streamed_load_by_hand():
+    """Llama-3-8B, bf16 checkpoint: NF4 for the 224 decoder linears (~3.35 GiB) + embedding, head and norms
+    kept in bf16 (~1.96 GiB, not 4 B/weight); the load holds that + the largest weight (gate/up/down,
+    4096 × 14336) in bf16 + quantize_nf4's working set, one tensor at a time."""
+    hand = llama3_8b_by_hand()
+    config = RunConfig(base_model="8B", method="qlora",
+                       train=TrainConfig(device="cpu", dtype="float32", micro_batch_size=1, grad_accum=1))
+    shape = model_shape("8B")
+    w = resolve_workload(config, shape, "cpu")
+    assert shape.n_params == hand["params"] and w.storage_bytes == 2 and w.compute_bytes == 4
+    assert qlora_weight_bytes(w, shape) == (hand["nf4"], hand["unquantized"])
+    assert weight_bytes(w, shape)[0] == hand["nf4"] + hand["unquantized"]
+    assert 3.3 < hand["nf4"] / 2**30 < 3.4 and 1.9 < hand["unquantized"] / 2**30 < 2.0
+    parts = qlora_load_parts(w, shape)
+    assert parts == {"nf4": hand["nf4"], "unquantized": hand["unquantized"], "tensor": 2 * hand["largest"],
+                     "workspace": QUANTIZE_WORKSPACE_BYTES * hand["largest"]}
+    mem = memory_model(w, shape)
+    assert mem.phases["load"] == sum(parts.values()) + CPU_BASELINE_BYTES  # no heap slack while loading
+    assert mem.term("load_transient") == (2 + QUANTIZE_WORKSPACE_BYTES) * hand["largest"]
+
+
+@pytest.mark.parametrize(("dtype", "stored"), [(None, 4), ("bfloat16", 2), ("float16", 2), ("float32", 4)])
+def test_qlora_keeps_unquantized_weights_in_the_checkpoints_dtype(tmp_path, dtype, stored):
+    """Tiny Llama by hand: 2 layers of q 64×64, k and v 64×32 (2 KV heads of 16), o 64×64, gate and up
+    64×176, down 176×64 in NF4; embedding and head 97×64, 5 norms of 64 in the checkpoint's dtype (a
+    config.json without one: the load dtype, fp32 here)."""
+    path = tmp_path / "m"
+    tf.LlamaConfig(**TINY, **({"dtype": dtype} if dtype else {})).save_pretrained(path)
+    w, shape = predicted(run_config(str(path), "qlora"), masked=False)
+    linears = [64 * 64, 64 * 32, 64 * 32, 64 * 64, 64 * 176, 64 * 176, 176 * 64]
+    nf4 = 2 * sum(nf4_by_hand(n) for n in linears)
+    kept = 2 * 97 * 64 + 5 * 64
+    assert qlora_weight_bytes(w, shape) == (nf4, stored * kept)
+    assert load_bytes(w, shape) == nf4 + stored * kept + (stored + QUANTIZE_WORKSPACE_BYTES) * 64 * 176
+    lora = dataclasses.replace(w, method="lora")
+    assert load_bytes(lora, shape) == shape.n_params * 4  # LoRA loads the whole model in the load dtype
+
+
+def test_quantize_workspace_is_what_quantize_nf4_allocates(tmp_path):
+    """QUANTIZE_WORKSPACE_BYTES against the real thing: the RSS high-water mark of a fresh process while
+    quantize_nf4 runs on a bf16 weight, above the weight itself (glibc's mmap threshold pinned low so
+    that freed tensors leave RSS at once)."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc")
+    script = tmp_path / "peak.py"
+    script.write_text(PEAK_SCRIPT)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, check=True)
+    per_weight = float(out.stdout.split()[-1])
+    assert QUANTIZE_WORKSPACE_BYTES - 0.5 <= per_weight <= QUANTIZE_WORKSPACE_BYTES + 0.5
+
+
+PEAK_SCRIPT = """
+import torch
+from lorakit.quant.nf4 import quantize_nf4
+
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+n = 2048 * 2048
+w = torch.randn(n).to(torch.bfloat16)
+quantize_nf4(torch.randn(64 * 64))  # the lookup tables, built once
+base = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the high-water mark
+quantize_nf4(w)
+print((status("VmHWM") - base) / n)
+"""

@@ -7,10 +7,10 @@ import copy
 import logging
 from typing import Any
 
-from lorakit.advise.memory import memory_model
-from lorakit.advise.shapes import model_shape
+from lorakit.advise.memory import MemoryBreakdown, load_bytes, memory_model, qlora_load_summary
+from lorakit.advise.shapes import ModelShape, model_shape
 from lorakit.advise.units import fmt_bytes
-from lorakit.advise.workload import resolve_workload
+from lorakit.advise.workload import Workload, resolve_workload
 from lorakit.config import RunConfig
 from lorakit.errors import AdviceError, LorakitError
 
@@ -33,6 +33,8 @@ def check_fits(config: RunConfig, available_bytes: int) -> str | None:
     mem = memory_model(w, shape)
     if mem.peak_bytes <= available_bytes:
         return None
+    if w.method == "qlora" and mem.phases["load"] > available_bytes:
+        return _load_does_not_fit(config, w, shape, mem, available_bytes)
     lines = [f"predicted peak memory {fmt_bytes(mem.peak_bytes)} ({mem.peak_phase}) exceeds the "
              f"{fmt_bytes(available_bytes)} available on {w.device}. Largest terms: " + ", ".join(
                  f"{t.name} {fmt_bytes(t.bytes)}" for t in sorted(mem.terms, key=lambda t: -t.bytes)[:4])]
@@ -65,3 +67,11 @@ def _alternatives(config: RunConfig) -> list[tuple[str, Any]]:
     return alts
 
 
+def _load_does_not_fit(config: RunConfig, w: Workload, shape: ModelShape, mem: MemoryBreakdown,
+                       available_bytes: int) -> str:
+    """Even the streamed QLoRA load is too big: no batch, sequence or checkpointing setting lowers it."""
+    overhead = mem.phases["load"] - load_bytes(w, shape)
+    return (f"{config.base_model} does not even load in the {fmt_bytes(available_bytes)} available on {w.device}: the "
+            f"load needs {fmt_bytes(mem.phases['load'])}. {qlora_load_summary(w, shape)}, + {fmt_bytes(overhead)} "
+            "framework overhead. No training setting lowers the load: use a smaller model or a machine with more "
+            "memory (--no-memory-check overrides).")

@@ -39,8 +39,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from lorakit.advise.shapes import ModelShape
-from lorakit.advise.units import MiB
+from lorakit.advise.shapes import Linear, ModelShape
+from lorakit.advise.units import MiB, fmt_bytes
 from lorakit.advise.workload import Workload
 from lorakit.loss import ROW_CHUNK_BYTES
 
@@ -68,6 +68,11 @@ MALLOC_MMAP_THRESHOLD_ set, agree with the model within -8%..+1%. Linux/glibc on
 
 GLIBC_MMAP_MAX = 32 * MiB
 """glibc's largest dynamic mmap threshold (64-bit): blocks above it are always mmapped, returned on free."""
+
+QUANTIZE_WORKSPACE_BYTES = 12
+"""Bytes per weight that lorakit.quant.quantize_nf4 allocates beyond its input at its peak: the fp32 copy
+(4), the scaled values and their clamp (4 + 4), then the int32 bucket indices (4) while the clamp and the
+copy are alive. Measured: the RSS high-water mark of quantizing a 4096×4096 bf16 weight rose 12.05 B/weight."""
 
 CUDA_CONTEXT_BYTES = 500 * MiB
 """CUDA context + cuBLAS/cuDNN workspaces: device memory outside torch.cuda.max_memory_allocated."""
@@ -97,20 +102,63 @@ def trainable_parameter_count(w: Workload, shape: ModelShape) -> int:
     return shape.n_params if w.method == "full" else lora_parameter_count(w, shape)
 
 
+def quantized_linears(w: Workload, shape: ModelShape) -> list[Linear]:
+    """The linear layers of one decoder layer that QLoRA stores in NF4 (all but quant.skip_modules)."""
+    skip = w.quant.skip_modules
+    return [lin for lin in shape.layer_linears if not any(lin.name.endswith(s) for s in skip)]
+
+
+def qlora_weight_bytes(w: Workload, shape: ModelShape) -> tuple[int, int]:
+    """(NF4 bytes of the quantized linears, bytes of every other weight): embeddings, norms, head and
+    biases stay in the checkpoint's storage dtype (bf16 for a bf16 checkpoint), not the compute dtype."""
+    q = w.quant
+    quantized = quantized_linears(w, shape)
+    nf4 = shape.layers * sum(nf4_bytes(lin.numel, q.blocksize, q.double_quant) for lin in quantized)
+    kept = shape.n_params - shape.layers * sum(lin.numel for lin in quantized)
+    return nf4, kept * w.storage_bytes
+
+
 def weight_bytes(w: Workload, shape: ModelShape) -> tuple[int, str]:
     """Base weights by storage (the LoRA factors are a separate term)."""
     if w.method != "qlora":
         what = "fp32" if w.load_bytes == 4 else "bf16/fp16"
         return shape.n_params * w.load_bytes, f"{shape.n_params / 1e6:,.1f}M weights × {w.load_bytes} B ({what})"
     q = w.quant
-    quantized = [lin for lin in shape.layer_linears if not any(lin.name.endswith(s) for s in q.skip_modules)]
-    nf4 = shape.layers * sum(nf4_bytes(lin.numel, q.blocksize, q.double_quant) for lin in quantized)
-    n_q = shape.layers * sum(lin.numel for lin in quantized)
+    nf4, kept_bytes = qlora_weight_bytes(w, shape)
+    n_q = shape.layers * sum(lin.numel for lin in quantized_linears(w, shape))
     kept = shape.n_params - n_q
     dq = "double-quantized absmax" if q.double_quant else "fp32 absmax"
-    return nf4 + kept * w.load_bytes, (
-        f"{n_q / 1e6:,.1f}M weights in NF4 ({nf4 / n_q:.3f} B/weight: 4-bit codes + {dq} per {q.blocksize}) + "
-        f"{kept / 1e6:,.1f}M embeddings/norms/head/biases kept at {w.load_bytes} B")
+    return nf4 + kept_bytes, (
+        f"{n_q / 1e6:,.1f}M weights in NF4 ({nf4 / max(1, n_q):.3f} B/weight: 4-bit codes + {dq} per {q.blocksize}) + "
+        f"{kept / 1e6:,.1f}M embeddings/norms/head/biases kept in the checkpoint's dtype ({w.storage_bytes} B)")
+
+
+def qlora_load_parts(w: Workload, shape: ModelShape) -> dict[str, int]:
+    """The peak of a streamed QLoRA load, by part. The checkpoint is read tensor by tensor: each weight
+    to quantize is read in its storage dtype, quantized to NF4 (+ double quant) and dropped before the
+    next, so at the last and largest one the process holds
+
+        nf4          every quantized linear in NF4 (the final form)
+        unquantized  embeddings, norms, head, biases in their storage dtype (read once, kept)
+        tensor       the largest quantized weight, n·s bytes in its storage dtype s
+        workspace    quantize_nf4's working set for it, QUANTIZE_WORKSPACE_BYTES·n (its fp32 copy included)
+    """
+    nf4, kept = qlora_weight_bytes(w, shape)
+    largest = max((lin.numel for lin in quantized_linears(w, shape)), default=0)
+    return {"nf4": nf4, "unquantized": kept, "tensor": largest * w.storage_bytes,
+            "workspace": largest * QUANTIZE_WORKSPACE_BYTES}
+
+
+def qlora_load_summary(w: Workload, shape: ModelShape) -> str:
+    """What a streamed QLoRA load holds at its peak, in words and numbers."""
+    parts = qlora_load_parts(w, shape)
+    stored = shape.checkpoint_dtype or f"{w.storage_bytes}-byte"
+    n = shape.layers * len(quantized_linears(w, shape))
+    return (f"the QLoRA load is streamed: each of the {n} quantized weights is read in its storage dtype ({stored}), "
+            f"quantized to NF4 and dropped before the next; embeddings, norms and head stay in {stored}. Tensors at the "
+            f"load peak: NF4 {fmt_bytes(parts['nf4'])} + unquantized {fmt_bytes(parts['unquantized'])} + the largest "
+            f"weight {fmt_bytes(parts['tensor'])} + quantize_nf4's working set {fmt_bytes(parts['workspace'])} = "
+            f"{fmt_bytes(sum(parts.values()))}")
 
 
 def layer_activation_bytes(w: Workload, shape: ModelShape) -> int:
@@ -283,7 +331,7 @@ def memory_model(w: Workload, shape: ModelShape) -> MemoryBreakdown:
     dequant = dequant_transient_bytes(w, shape)
     opt_tmp = _optimizer_transient(w, shape, grads)
     head_grad = shape.vocab * shape.hidden * w.load_bytes if w.method == "full" else 0
-    mmap = _mmap_pages(w, shape)
+    load = load_bytes(w, shape)
     terms = [
         MemoryTerm("weights", weights, weights_how),
         MemoryTerm("lora_params", w.adapter_bytes * n_lora,
@@ -299,14 +347,16 @@ def memory_model(w: Workload, shape: ModelShape) -> MemoryBreakdown:
         MemoryTerm("backward_transient", bwd, "gradients in flight inside one layer's backward"),
         MemoryTerm("dequant_transient", dequant, "the largest NF4 weight dequantized for its matmul (int32 codes + fp32)"),
         MemoryTerm("optimizer_transient", opt_tmp, "AdamW step temporaries (foreach on CUDA: a copy of the states)"),
-        MemoryTerm("checkpoint_pages", mmap, "CPU: the memory-mapped fp checkpoint stays resident after NF4 quantization"),
+        MemoryTerm("load_transient", load - weights if w.method == "qlora" else 0,
+                   "streamed QLoRA load: the largest weight being quantized, in its storage dtype + "
+                   f"quantize_nf4's working set ({QUANTIZE_WORKSPACE_BYTES} B/weight, its fp32 copy included)"),
     ]
-    resident = weights + w.adapter_bytes * n_lora + states + mmap
+    resident = weights + w.adapter_bytes * n_lora + states
     grads_held = grads if w.grad_accum > 1 else 0  # earlier micro-batches' gradients wait for the step
     # checkpointed: the recomputed layer is freed as fast as its gradients appear; else gradients in flight
     layer_work = (recompute if w.checkpointing else bwd) + dequant
     phases = {
-        "load": _load_bytes(w, shape),
+        "load": load,
         # checkpointed layers run (each one's activations, then freed) before the loss starts
         "forward": resident + grads_held + acts + max(logits_fwd, dequant + recompute),
         "backward": resident + max(acts + logits_bwd + grads_held + head_grad,
@@ -338,19 +388,12 @@ def _optimizer_transient(w: Workload, shape: ModelShape, grads: int) -> int:
     return 2 * largest * (w.load_bytes if w.method == "full" else w.adapter_bytes)
 
 
-def _mmap_pages(w: Workload, shape: ModelShape) -> int:
-    if w.method != "qlora" or not w.mmap_checkpoint:
-        return 0
-    return shape.layers * shape.layer_linear_params * w.load_bytes
-
-
-def _load_bytes(w: Workload, shape: ModelShape) -> int:
-    """QLoRA loads the whole model in the compute dtype, then quantizes layer by layer (~12n B each)."""
-    full_precision = shape.n_params * w.load_bytes
+def load_bytes(w: Workload, shape: ModelShape) -> int:
+    """Tensors held at the peak of loading: the whole model in its load dtype, or for QLoRA the streamed
+    load (qlora_load_parts: the final NF4 model + one weight being quantized)."""
     if w.method != "qlora":
-        return full_precision
-    largest = max((lin.numel for lin in shape.layer_linears), default=0)
-    return full_precision + 12 * largest
+        return shape.n_params * w.load_bytes
+    return sum(qlora_load_parts(w, shape).values())
 
 
 def _eval_bytes(w: Workload, shape: ModelShape) -> int:

@@ -82,45 +82,81 @@ def epochs_by_examples(examples: int | None) -> float:
 # --------------------------------------------------------------------------- recommending a run that fits
 
 
+@dataclass
+class Fit:
+    """The first setting of a search that fits with 10% headroom or, when none does (`fits` False), the
+    one with the least predicted peak; and that peak."""
+
+    trial: RunConfig
+    peak: int
+    fits: bool
+
+    def setting(self) -> str:
+        tc, targets = self.trial.train, self.trial.lora.target_modules
+        return (f"micro-batch {tc.micro_batch_size}, {'with' if tc.gradient_checkpointing else 'no'} checkpointing"
+                + ("" if self.trial.method == "full" else f", targets {targets}"))
+
+
 def recommend(config: RunConfig, shape: ModelShape, available: int, dev: str, task: str | None,
-               examples: int | None, serving: str, given: bool, rates: dict[str, Any],
-               notes: list[str]) -> list[Recommendation]:
+              examples: int | None, serving: str, given: bool, seq_len: int | None = None) -> list[Recommendation]:
     """Fill `config` from the decision tables (only the keys a given config leaves to us: none; it is
-    predicted as is and the recommendations are advice), then make the memory model agree."""
-    recs = []
-    method, why = method_by_memory(available, shape.n_params)
+    predicted as is and the recommendations are advice), then make the memory model agree: the method
+    recommended is the first of the table's choice and those below it (full -> lora -> qlora) that the
+    memory model says fits, never one it says does not. `seq_len`: the run's widest micro-batch, if known."""
     task_name = task or ("seq_cls" if config.task == "seq_cls" else None)
     r, r_why = rank_by_task(task_name)
     dropout, d_why = dropout_by_examples(examples)
     target_batch = target_effective_batch(examples)
-    if method == "none":
-        notes.append(f"method: {why}")
-        method = "qlora"
-    recs.append(Recommendation("method", method, why))
     if not given:
-        config.method = method
         config.lora = LoraConfig(r=r, alpha=2 * r, dropout=dropout, target_modules="all-linear")
-        config.train.lr = LR_BY_METHOD[method][2]
         config.train.epochs = epochs_by_examples(examples)
         config.train.device = dev
         if task_name == "seq_cls":
             config.task = "seq_cls"
-    recs.append(Recommendation("lora.r", r, r_why))
-    recs.append(Recommendation("lora.alpha", 2 * r, "alpha = 2r: scaling 2 keeps the update's size stable across ranks"))
-    recs.append(Recommendation("lora.dropout", dropout, d_why))
+    method_rec, fit = _method(config, shape, available, dev, target_batch, seq_len)
+    if given:  # the batch that fits the config's own method and targets
+        fit = search_fit(config, shape, available, dev, target_batch, [config.method], seq_len, flexible=False)
+    batch_recs = _batch_recs(config, fit, available, target_batch, change=not given)  # sets config.method
     lo, hi, pick = LR_BY_METHOD[config.method]
-    recs.append(Recommendation("train.lr", pick, f"{config.method}: {lo:g}–{hi:g} (full 1e-5–5e-5, LoRA 5e-5–2e-4, "
-                                                 "QLoRA 1e-4–3e-4); higher with small effective batches"))
+    recs = [method_rec, Recommendation("lora.r", r, r_why),
+            Recommendation("lora.alpha", 2 * r, "alpha = 2r: scaling 2 keeps the update's size stable across ranks"),
+            Recommendation("lora.dropout", dropout, d_why),
+            Recommendation("train.lr", pick, f"{config.method}: {lo:g}–{hi:g} (full 1e-5–5e-5, LoRA 5e-5–2e-4, "
+                                             "QLoRA 1e-4–3e-4); higher with small effective batches")]
     if given:
         recs += _check_given(config, r, dropout)
-        fit = _fit_batch(config, shape, available, dev, target_batch, change=False)
-    else:
-        fit = _fit_batch(config, shape, available, dev, target_batch, change=True)
-    recs += fit
+    recs += batch_recs
     recs.append(Recommendation("train.epochs", epochs_by_examples(examples),
                                "3 epochs below 5K examples, 2 up to 100K, 1 above: more overfits small adapters"))
     recs.append(_serving_rec(serving, config.method))
     return recs
+
+
+def _method(config: RunConfig, shape: ModelShape, available: int, dev: str, target: int,
+            seq_len: int | None) -> tuple[Recommendation, Fit]:
+    """The table's method if the memory model says it fits, else the first below it that does (full ->
+    lora -> qlora); 'none' when not even QLoRA fits. The reason says which and why."""
+    table, why = method_by_memory(available, shape.n_params)
+    too_big: dict[str, Fit] = {}  # method -> its setting of least memory, which does not fit either
+    for method in _methods_from("qlora" if table == "none" else table):
+        fit = search_fit(config, shape, available, dev, target, [method], seq_len, flexible=True)
+        if not fit.fits:
+            too_big[method] = fit
+            continue
+        fits = f"predicted peak {fmt_bytes(fit.peak)} fits {fmt_bytes(available)} with 10% headroom"
+        if method == table:
+            return Recommendation("method", method, f"{why}; {fits}"), fit
+        skipped = f"{_too_big(too_big, available)}; {method} is the first below that fits" if too_big else \
+            f"{method} fits all the same"
+        return Recommendation("method", method, f"the table: {why}. But {skipped} ({fits})"), fit
+    reason = (f"the table: {why}. But nothing fits: {_too_big(too_big, available)}. Use a smaller model, a "
+              "shorter data.max_seq_len or a machine with more memory")
+    return Recommendation("method", "none", reason), too_big["qlora"]
+
+
+def _too_big(least: dict[str, Fit], available: int) -> str:
+    needs = ", ".join(f"{m} needs at least {fmt_bytes(f.peak)} ({f.setting()})" for m, f in least.items())
+    return f"{needs} > 90% of {fmt_bytes(available)}"
 
 
 def _check_given(config: RunConfig, r: int, dropout: float) -> list[Recommendation]:
@@ -133,35 +169,29 @@ def _check_given(config: RunConfig, r: int, dropout: float) -> list[Recommendati
     return out
 
 
-def _fit_batch(config: RunConfig, shape: ModelShape, available: int, dev: str, target: int,
-               change: bool) -> list[Recommendation]:
-    """Largest micro-batch (≤ target) that fits with 10% headroom, checkpointing only when needed; then
-    the targets and method step down (all-linear -> attention -> minimal, LoRA -> QLoRA) until it fits."""
-    budget = 0.9 * available
+def search_fit(config: RunConfig, shape: ModelShape, available: int, dev: str, target: int, methods: list[str],
+               seq_len: int | None = None, flexible: bool = True) -> Fit:
+    """The first setting that fits with 10% headroom, in order of preference: per method, all-linear ->
+    attention -> minimal targets (`flexible`; else the config's), then without -> with checkpointing,
+    then the largest micro-batch (≤ target, accumulating to it). Each prediction is a full memory_model."""
+    budget, least = 0.9 * available, None  # least: Fit | None, the setting of least memory so far
     trial = copy.deepcopy(config)
-    for method in _methods_from(config.method):
+    for method in methods:
         trial.method = method
-        for targets in ("all-linear", "attention", "minimal") if method != "full" else ("all-linear",):
-            trial.lora.target_modules = targets if change else config.lora.target_modules
+        steps = ("all-linear", "attention", "minimal") if flexible and method != "full" else (config.lora.target_modules,)
+        for targets in steps:
+            trial.lora.target_modules = targets
             for gc in (False, True):
                 trial.train.gradient_checkpointing = gc
-                for micro in (16, 8, 4, 2, 1):
-                    if micro > target:
-                        continue
+                for micro in (m for m in (16, 8, 4, 2, 1) if m <= target):
                     trial.train.micro_batch_size, trial.train.grad_accum = micro, max(1, target // micro)
-                    peak = memory_model(resolve_workload(trial, shape, dev), shape).peak_bytes
+                    peak = memory_model(resolve_workload(trial, shape, dev, seq_len=seq_len), shape).peak_bytes
                     if peak <= budget:
-                        return _batch_recs(config, trial, peak, available, target, change)
-            if not change:
-                break
-        if not change:
-            break
-    if change:  # nothing fits: keep the table's method, at the least memory it can take
-        tc = config.train
-        tc.micro_batch_size, tc.grad_accum, tc.gradient_checkpointing = 1, target, True
-    return [Recommendation("fit", None, f"nothing fits {fmt_bytes(available)}, not even micro-batch 1 with checkpointing "
-                                         f"and QLoRA at seq {config.data.max_seq_len}: shorten data.max_seq_len, use a "
-                                         "smaller model or a machine with more memory")]
+                        return Fit(trial, peak, True)
+                    if least is None or peak < least.peak:
+                        least = Fit(copy.deepcopy(trial), peak, False)
+    assert least is not None, "no setting was tried"
+    return least
 
 
 def _methods_from(method: str) -> list[str]:
@@ -169,10 +199,18 @@ def _methods_from(method: str) -> list[str]:
     return order[order.index(method):]
 
 
-def _batch_recs(config: RunConfig, trial: RunConfig, peak: int, available: int, target: int,
-                change: bool) -> list[Recommendation]:
-    tc = trial.train
-    fits = f"predicted peak {fmt_bytes(peak)} of {fmt_bytes(available)}"
+def _batch_recs(config: RunConfig, fit: Fit, available: int, target: int, change: bool) -> list[Recommendation]:
+    """The fitting setting's batch, checkpointing and targets, written into `config` when `change` (when
+    nothing fits: the setting of least memory, so that the prediction shows how far off it is)."""
+    if change:
+        _apply(config, fit.trial)
+    if not fit.fits:
+        return [Recommendation("fit", None, f"nothing fits {fmt_bytes(available)}: the least memory {fit.trial.method} "
+                                            f"takes is {fmt_bytes(fit.peak)} ({fit.setting()}) at seq "
+                                            f"{config.data.max_seq_len}; shorten data.max_seq_len, use a smaller model "
+                                            "or a machine with more memory")]
+    tc = fit.trial.train
+    fits = f"predicted peak {fmt_bytes(fit.peak)} of {fmt_bytes(available)}"
     recs = [
         Recommendation("train.micro_batch_size", tc.micro_batch_size, f"the largest that fits with 10% headroom ({fits})"),
         Recommendation("train.grad_accum", tc.grad_accum,
@@ -180,18 +218,18 @@ def _batch_recs(config: RunConfig, trial: RunConfig, peak: int, available: int, 
         Recommendation("train.gradient_checkpointing", tc.gradient_checkpointing,
                        "needed to fit" if tc.gradient_checkpointing else "fits without: ~25–35% faster steps"),
     ]
-    if trial.method != "full":
-        recs.append(Recommendation("lora.target_modules", trial.lora.target_modules,
+    if fit.trial.method != "full":
+        recs.append(Recommendation("lora.target_modules", fit.trial.lora.target_modules,
                                    "all-linear trains best (QLoRA paper); attention/minimal only to save memory"))
-    if trial.method != config.method:
-        recs.insert(0, Recommendation("method (fit)", trial.method, f"{config.method} does not fit; {trial.method} does"))
-    if change:
-        config.method = trial.method
-        config.lora.target_modules = trial.lora.target_modules
-        config.train.micro_batch_size, config.train.grad_accum = tc.micro_batch_size, tc.grad_accum
-        config.train.gradient_checkpointing = tc.gradient_checkpointing
-        config.train.lr = LR_BY_METHOD[trial.method][2]
     return recs
+
+
+def _apply(config: RunConfig, trial: RunConfig) -> None:
+    config.method = trial.method
+    config.lora.target_modules = trial.lora.target_modules
+    config.train.micro_batch_size, config.train.grad_accum = trial.train.micro_batch_size, trial.train.grad_accum
+    config.train.gradient_checkpointing = trial.train.gradient_checkpointing
+    config.train.lr = LR_BY_METHOD[trial.method][2]
 
 
 def _serving_rec(serving: str, method: str) -> Recommendation:

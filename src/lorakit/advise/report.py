@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.advise.memory import MemoryBreakdown
+from lorakit.advise.memory import MemoryBreakdown, qlora_load_summary
 from lorakit.advise.recommend import Recommendation
 from lorakit.advise.shapes import ModelShape
 from lorakit.advise.timing import TimeModel
@@ -99,9 +99,9 @@ class Advice:
 
 def notes_for(w: Workload, shape: ModelShape, mem: MemoryBreakdown, available: int, dev: str) -> list[str]:
     notes = []
-    if mem.peak_phase == "load" and w.method == "qlora":
-        notes.append("the peak is the load: lorakit loads the whole model in the compute dtype before quantizing it "
-                     f"({fmt_bytes(mem.phases['load'])}); the training steps need {fmt_bytes(max(mem.phases['forward'], mem.phases['backward']))}")
+    if w.method == "qlora":
+        notes.append(f"{qlora_load_summary(w, shape)}; the load phase {fmt_bytes(mem.phases['load'])} with the "
+                     f"framework overhead, the training steps {fmt_bytes(max(mem.phases['forward'], mem.phases['backward']))}")
     logits = mem.term("logits_loss")
     if logits > 0.25 * mem.peak_bytes:
         notes.append(f"the loss buffers (vocab {shape.vocab:,} × tokens) are {fmt_bytes(logits)} of the peak: "
@@ -113,7 +113,6 @@ def notes_for(w: Workload, shape: ModelShape, mem: MemoryBreakdown, available: i
     if dev == "cpu":
         notes.append("CPU peak is resident memory (RSS): glibc heap slack and the measured baseline are included")
     return notes
-
 
 
 def render_text(a: Advice) -> str:

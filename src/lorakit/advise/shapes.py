@@ -14,6 +14,9 @@ from lorakit.advise.families import FAMILIES, SIZES, family_config, family_key
 from lorakit.errors import AdviceError
 from lorakit.lora import OUTPUT_HEADS, linear_module_names
 
+TYPICAL = "typical shapes of "
+"""How ModelShape.source begins when the shapes are a named family's, not the model's own config.json."""
+
 # Which input a linear layer reads, by name suffix: that decides what autograd saves for it.
 SITES = {
     "attn_in": ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query", "key", "value", "query_key_value"),
@@ -117,7 +120,7 @@ def _hf_config(source: str, revision: str | None) -> tuple[Any, str]:
     except (OSError, ValueError):
         pass
     if key is not None:
-        return family_config(key), f"typical shapes of {key}"
+        return family_config(key), f"{TYPICAL}{key}"
     try:
         return AutoConfig.from_pretrained(source, revision=revision), f"{source} (hub config.json)"
     except (OSError, ValueError) as e:

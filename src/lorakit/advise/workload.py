@@ -5,7 +5,6 @@ layers carry adapters, which loss implementation runs)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from lorakit.advise.shapes import Linear, ModelShape, meta_model
@@ -14,6 +13,8 @@ from lorakit.errors import ConfigError, LorakitError
 from lorakit.lora import find_target_modules
 from lorakit.loss import FUSED_MODEL_TYPES
 from lorakit.runtime.devices import cpu_has_fast_bf16, pick_device
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Workload:
     device: str  # cpu | cuda
     compute_bytes: int  # b: the dtype activations and frozen weights compute in
     load_bytes: int  # dtype the base weights are loaded (and kept, unless quantized) in
+    storage_bytes: int  # dtype of the checkpoint's tensors (config.json's dtype; else load_bytes)
     micro_batch: int
     seq_len: int
     grad_accum: int
@@ -36,7 +38,6 @@ class Workload:
     eval_enabled: bool
     lora_targets: tuple[Linear, ...]  # targets in one decoder layer
     extra_targets: tuple[Linear, ...]  # targets outside the layers (e.g. an explicitly named lm_head)
-    mmap_checkpoint: bool  # CPU load maps the safetensors file without a copy (same dtype)
     # How lorakit trains; bench/advisor_calibration.py changes these to predict other frameworks' published runs.
     adapter_bytes: int = 4  # LoRA A and B are fp32 (nn.Linear's default dtype), whatever the base's dtype
     # linear_ce: lorakit.loss's head + cross-entropy in 32 MiB row chunks, no (B, T, V) logits (plain heads of
@@ -50,12 +51,14 @@ class Workload:
         return self.micro_batch * self.seq_len
 
 
-def resolve_workload(config: RunConfig, shape: ModelShape, device: str | None = None, masked: bool = True) -> Workload:
-    """Device, dtypes and LoRA targets of `config` as lorakit.train would run it."""
+def resolve_workload(config: RunConfig, shape: ModelShape, device: str | None = None, masked: bool = True,
+                     seq_len: int | None = None) -> Workload:
+    """Device, dtypes and LoRA targets of `config` as lorakit.train would run it. `seq_len`: the widest
+    micro-batch of the run's data when it is known (see data_stats.token_lengths), else data.max_seq_len."""
     tc = config.train
     dev = (device or auto_device(tc.device)).split(":")[0]
     if tc.dtype != "auto":
-        compute = {"float32": 4, "bfloat16": 2, "float16": 2}[tc.dtype]
+        compute = DTYPE_BYTES[tc.dtype]
     else:
         compute = 2 if dev == "cuda" or (dev == "cpu" and device is None and cpu_has_fast_bf16()) else 4
     load = 4 if config.method == "full" and compute != 4 and dev == "cpu" else compute
@@ -67,14 +70,13 @@ def resolve_workload(config: RunConfig, shape: ModelShape, device: str | None = 
         names = set(_targets(meta, config.lora.target_modules))
         targets = tuple(lin for lin in shape.layer_linears if lin.name in names)
         extra = (shape.head,) if shape.head is not None and shape.head.name in names else ()
-    stored = {"float32": 4, "bfloat16": 2, "float16": 2}.get(shape.checkpoint_dtype or "", 0)
+    stored = DTYPE_BYTES.get(shape.checkpoint_dtype or "", load)
     return Workload(
         loss="linear_ce" if _fused_loss(config, shape, extra) else "logits",
-        method=config.method, device=dev, compute_bytes=compute, load_bytes=load,
-        micro_batch=tc.micro_batch_size, seq_len=config.data.max_seq_len, grad_accum=tc.grad_accum,
+        method=config.method, device=dev, compute_bytes=compute, load_bytes=load, storage_bytes=stored,
+        micro_batch=tc.micro_batch_size, seq_len=seq_len or config.data.max_seq_len, grad_accum=tc.grad_accum,
         checkpointing=tc.gradient_checkpointing, lora=config.lora, quant=config.quant, optimizer=tc.optimizer,
         masked=masked, task=config.task, eval_enabled=True, lora_targets=targets, extra_targets=extra,
-        mmap_checkpoint=dev == "cpu" and stored == load and Path(config.base_model).is_dir(),
     )
 
 
