@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 from advise_tiny import fixed_rates_fixture, llama3_8b_by_hand, predicted, run_config, tiny_dir_fixture  # noqa: F401
@@ -76,3 +78,10 @@ def test_cli_8b_qlora_fits_a_24_gib_machine(capsys):
     assert out["phases_bytes"]["load"] < 7 * 2**30
     assert any("the QLoRA load is streamed" in note and "bfloat16" in note for note in out["notes"])
     assert {r["key"]: r["value"] for r in out["recommendations"]}["method"] == "qlora"
+
+
+def test_the_advisor_knows_no_demo():
+    """The built-in demo is an application of the library: entry points turn `base_model: demo` into its
+    directory before they ask the advisor, which neither imports nor names it."""
+    package = Path(sys.modules["lorakit.advise"].__file__).parent
+    assert [p.name for p in package.glob("*.py") if "demo" in p.read_text(encoding="utf-8")] == []

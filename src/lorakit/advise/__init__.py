@@ -18,7 +18,7 @@ module per step, each importing only the ones above it in this list:
 
 from lorakit.advise.advisor import advise
 from lorakit.advise.check import check_fits
-from lorakit.advise.data_stats import DataStats, data_stats
+from lorakit.advise.data_stats import DataStats, data_stats, run_data_stats
 from lorakit.advise.families import FAMILIES, HUB_IDS, SIZES, family_config
 from lorakit.advise.memory import (
     CPU_BASELINE_BYTES,
@@ -30,18 +30,22 @@ from lorakit.advise.memory import (
     MemoryTerm,
     activation_bytes,
     layer_activation_bytes,
+    load_bytes,
     lora_parameter_count,
     memory_model,
     nf4_bytes,
     optimizer_state_bytes,
+    qlora_load_parts,
     weight_bytes,
 )
 from lorakit.advise.recommend import (
+    Fit,
     Recommendation,
     dropout_by_examples,
     epochs_by_examples,
     method_by_memory,
     rank_by_task,
+    search_fit,
     target_effective_batch,
 )
 from lorakit.advise.report import Advice
@@ -53,11 +57,12 @@ from lorakit.errors import AdviceError  # re-exported for callers that import it
 
 __all__ = [
     "CPU_BASELINE_BYTES", "CPU_HEAP_SLACK", "CPU_PLOT_BYTES", "CUDA_ALLOCATOR_SLACK", "CUDA_CONTEXT_BYTES",
-    "FAMILIES", "GPUS", "HUB_IDS", "SIZES", "Advice", "AdviceError", "DataStats", "GiB", "Linear",
+    "FAMILIES", "GPUS", "HUB_IDS", "SIZES", "Advice", "AdviceError", "DataStats", "Fit", "GiB", "Linear",
     "MemoryBreakdown", "MemoryTerm", "MiB", "ModelShape", "Recommendation", "TimeModel", "Workload",
     "activation_bytes", "advise", "assumed_gpu_rates", "available_memory", "calibrate", "check_fits",
     "data_stats", "dropout_by_examples", "epochs_by_examples", "family_config", "fmt_bytes", "fmt_seconds",
-    "layer_activation_bytes", "lora_parameter_count", "matmul_rate", "memory_model", "meta_model",
-    "method_by_memory", "model_shape", "nf4_bytes", "optimizer_state_bytes", "parse_bytes", "rank_by_task",
-    "resolve_workload", "target_effective_batch", "time_model", "weight_bytes",
+    "layer_activation_bytes", "load_bytes", "lora_parameter_count", "matmul_rate", "memory_model", "meta_model",
+    "method_by_memory", "model_shape", "nf4_bytes", "optimizer_state_bytes", "parse_bytes", "qlora_load_parts",
+    "rank_by_task", "resolve_workload", "run_data_stats", "search_fit", "target_effective_batch", "time_model",
+    "weight_bytes",
 ]

@@ -146,9 +146,11 @@ def _method(config: RunConfig, shape: ModelShape, available: int, dev: str, targ
         fits = f"predicted peak {fmt_bytes(fit.peak)} fits {fmt_bytes(available)} with 10% headroom"
         if method == table:
             return Recommendation("method", method, f"{why}; {fits}"), fit
-        skipped = f"{_too_big(too_big, available)}; {method} is the first below that fits" if too_big else \
-            f"{method} fits all the same"
-        return Recommendation("method", method, f"the table: {why}. But {skipped} ({fits})"), fit
+        if too_big:
+            but = f"{_too_big(too_big, available)}; {method} is the first below that fits"
+        else:  # the table said none, yet QLoRA fits
+            but = f"{method} fits all the same"
+        return Recommendation("method", method, f"the table: {why}. But {but} ({fits})"), fit
     reason = (f"the table: {why}. But nothing fits: {_too_big(too_big, available)}. Use a smaller model, a "
               "shorter data.max_seq_len or a machine with more memory")
     return Recommendation("method", "none", reason), too_big["qlora"]

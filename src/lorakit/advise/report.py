@@ -98,6 +98,7 @@ class Advice:
 
 
 def notes_for(w: Workload, shape: ModelShape, mem: MemoryBreakdown, available: int, dev: str) -> list[str]:
+    """What the numbers alone do not say: what a QLoRA load streams, the dominant term, what does not fit."""
     notes = []
     if w.method == "qlora":
         notes.append(f"{qlora_load_summary(w, shape)}; the load phase {fmt_bytes(mem.phases['load'])} with the "
