@@ -341,8 +341,8 @@ def _check_fingerprint(model: nn.Module, adapter_dir: Path) -> None:
         raise AdapterError(
             f"adapter {adapter_dir} was trained for base {saved.get('name')!r} (revision {saved.get('revision')}, "
             f"fingerprint {saved['hash']}), but this model is {here['name']!r} (fingerprint {here['hash']}): "
-            "a different base model or revision. Load the matching base, or pass check_base=False "
-            "(--no-check-base) if you know they are compatible."
+            "a different base model or revision. Load the matching base, or call load_lora_adapter(..., "
+            "check_base=False) if you know they are compatible."
         )
 
 

@@ -1,7 +1,7 @@
 """Every lorakit setting as a typed dataclass, with YAML load/dump and whole-config validation.
 
-Why dataclasses with a `help` per field: the same text documents the YAML keys (`lorakit config
---help-keys`), and validation can name the exact key that is wrong. Validation collects *every*
+Why dataclasses with a `help` per field: the same text documents the YAML keys (`lorakit
+config` lists them), and validation can name the exact key that is wrong. Validation collects *every*
 problem before anything heavy (weights, data) is loaded, so a user fixes a config in one pass.
 """
 
