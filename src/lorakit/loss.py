@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.quant.linear import CastLinear
+
 # Architectures whose causal-LM logits are exactly output_embeddings(final hidden states), nothing after.
 # NOTE: an allowlist on purpose: e.g. Gemma 2 soft-caps, Cohere and Granite scale the logits after the
 # head, and a model not listed here silently computing a different loss would be worse than a slow one.
@@ -80,7 +82,7 @@ def _fusable(model: nn.Module, head: Any) -> bool:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return (
         model_type in FUSED_MODEL_TYPES
-        and type(head) is nn.Linear  # not a LoRA-wrapped or quantized head
+        and type(head) in (nn.Linear, CastLinear)  # not a LoRA-wrapped or quantized head
         and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"))
     )
 
@@ -116,9 +118,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if need_w else None  # (V, d)
         grad_b = torch.zeros_like(bias) if need_b else None  # (V,)
         loss = torch.zeros((), dtype=compute, device=h.device)
+        # a head stored narrower than h (a bf16 CastLinear head, fp32 compute) is cast once per step, not per chunk
+        w, b = weight.to(h.dtype), None if bias is None else bias.to(h.dtype)
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start:start + chunk], targets[start:start + chunk]  # (c, d), (c,)
-            z = F.linear(hc, weight, bias).to(compute)  # (c, V)
+            z = F.linear(hc, w, b).to(compute)  # (c, V)
             lse = torch.logsumexp(z, dim=-1)  # (c,)
             loss += (lse - z.gather(1, yc[:, None]).squeeze(1)).sum()
             if not (need_h or need_w or need_b):
@@ -127,7 +131,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dz[torch.arange(dz.shape[0], device=dz.device), yc] -= 1.0  # - onehot(y): ∂CE/∂z, (c, V)
             dz = dz.to(h.dtype)
             if need_h:
-                torch.mm(dz, weight.to(h.dtype), out=grad_h[start:start + chunk])  # (c, V) @ (V, d)
+                torch.mm(dz, w, out=grad_h[start:start + chunk])  # (c, V) @ (V, d)
             if need_w:
                 grad_w.addmm_(dz.t().to(weight.dtype), hc.to(weight.dtype))  # (V, c) @ (c, d)
             if need_b:

@@ -214,6 +214,17 @@ class NF4Linear(nn.Module):
         )
 
 
+class CastLinear(nn.Linear):
+    """An nn.Linear whose weight is stored in another dtype than it computes in (a bf16 LM head of an
+    fp32-compute model): y = x · W.to(x.dtype)ᵀ + b. x: (..., in) -> (..., out) in x's dtype.
+
+    The chunked loss (lorakit.loss) treats it as a plain head and casts its weight once per step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
 def quantize_model(
     model: nn.Module, config: QuantConfig, compute_dtype: torch.dtype | None = None, progress: bool = True
 ) -> list[str]:
