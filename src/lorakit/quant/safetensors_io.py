@@ -135,3 +135,45 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
                                       "the file is truncated, download it again")
             done += got
     return raw.view(info.dtype).view(info.shape)
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor, in a layout fixed up front (names, dtypes, shapes), so
+    that at most one tensor is ever held: the header goes first, each `write` appends the next tensor.
+
+        with SafetensorsWriter(path, [(name, dtype, shape), ...], metadata) as out:
+            for name, ... : out.write(name, tensor)       # in the order given
+    """
+
+    def __init__(self, path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path, self.order, self.next = Path(path), [name for name, _, _ in layout], 0
+        header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for name, dtype, shape in layout:
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the format asks
+        self.layout = {name: (dtype, tuple(shape)) for name, dtype, shape in layout}
+        self.file = open(self.path, "wb")  # noqa: SIM115 -- closed in __exit__
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self.order[self.next] if self.next < len(self.order) else None
+        if name != expected or (tensor.dtype, tuple(tensor.shape)) != self.layout[name]:
+            raise ValueError(f"{self.path}: expected {expected!r} {self.layout.get(expected)} next, got {name!r} "
+                             f"{tensor.dtype} {tuple(tensor.shape)}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)  # little endian, as the CPU
+        self.file.write(memoryview(data.numpy()))
+        self.next += 1
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.file.close()
+        if exc_type is None and self.next != len(self.order):
+            raise ValueError(f"{self.path}: {len(self.order) - self.next} tensors were never written, "
+                             f"first {self.order[self.next]!r}")
