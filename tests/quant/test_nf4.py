@@ -168,3 +168,20 @@ def test_bad_inputs_name_the_value():
     w[2, 5] = float("nan")
     with pytest.raises(ValueError, match="inf/nan in 1 of 8 blocks"):
         quantize_nf4(w)
+
+
+@pytest.mark.parametrize("shape", [(300, 301), (64 * 40 + 7,), (130, 130)])
+def test_chunked_quantization_is_bit_exact_with_one_chunk(monkeypatch, shape):
+    """quantize_nf4 takes QUANT_CHUNK weights at a time (temporaries of one chunk only); chunks of any
+    whole number of blocks give the same state as quantizing all at once."""
+    import lorakit.quant.nf4 as nf4
+
+    w = _weight(shape, 0.3, seed=9)
+    monkeypatch.setattr(nf4, "QUANT_CHUNK", 10**9)
+    whole = quantize_nf4(w)
+    for chunk in (64, 640, 4096):
+        monkeypatch.setattr(nf4, "QUANT_CHUNK", chunk)
+        part = quantize_nf4(w)
+        assert all(torch.equal(a, b) for a, b in zip(part.tensors().values(), whole.tensors().values(), strict=True))
+    packed, qs = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(part.packed, packed.view(-1)) and torch.equal(part.qabsmax, qs.absmax)

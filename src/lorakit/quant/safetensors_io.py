@@ -118,13 +118,14 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """The tensor, read into memory of its own (no mapping of the file stays behind)."""
+def read_tensor(info: TensorInfo, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensor, read into memory of its own (no mapping of the file stays behind), or into the front of
+    `buffer` (uint8, at least info.nbytes) -- valid until that buffer is next used."""
     expected = math.prod(info.shape) * torch.empty((), dtype=info.dtype).element_size()
     if expected != info.nbytes:
         raise CheckpointError(f"{info.file}: a tensor of shape {info.shape} and {info.dtype} needs {expected} bytes, "
                               f"the header gives {info.nbytes}; the file is corrupt")
-    raw = torch.empty(info.nbytes, dtype=torch.uint8)  # (nbytes,)
+    raw = torch.empty(info.nbytes, dtype=torch.uint8) if buffer is None else buffer[: info.nbytes]  # (nbytes,)
     with open(info.file, "rb", buffering=0) as f:
         f.seek(info.start)
         view, done = memoryview(raw.numpy()), 0

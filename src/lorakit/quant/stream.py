@@ -231,6 +231,7 @@ class _Loader:
         self.model, self.plan, self.qc = model, plan, quant_config
         self.compute, self.device, self.storage, self.info = compute_dtype, device, storage_dtype, info
         self.pending_bias: dict[str, torch.Tensor] = {}  # target module -> its bias, read before the weight
+        self.read_buffer = torch.empty(0, dtype=torch.uint8)  # reused for every target weight (see place)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.narrow_modules = {n for n, m in model.named_modules() if isinstance(m, nn.Embedding) or m is head}
 
@@ -252,25 +253,34 @@ class _Loader:
             self.place(names, tensor_info)
 
     def place(self, names: list[str], tensor_info: TensorInfo) -> None:
+        """Read one tensor and put it in place. A target weight is read into one buffer reused for all of
+        them (freeing a weight-sized block per layer would leave glibc's heap fragmented and resident);
+        anything else is read into memory of its own, which it keeps."""
         module_name, _, leaf = names[0].rpartition(".")
-        tensor = read_tensor(tensor_info)
         if module_name in self.plan.targets and leaf == "weight":
-            self.quantize(module_name, tensor)
-        elif module_name in self.plan.targets and leaf == "bias":
+            if self.read_buffer.numel() < tensor_info.nbytes:
+                self.read_buffer = torch.empty(0, dtype=torch.uint8)  # free the old one first
+                self.read_buffer = torch.empty(tensor_info.nbytes, dtype=torch.uint8)
+            self.quantize(module_name, read_tensor(tensor_info, self.read_buffer))
+            return
+        tensor = read_tensor(tensor_info)
+        if module_name in self.plan.targets and leaf == "bias":
             self.set_target_bias(module_name, tensor.to(self.device, self.compute))
-        else:
-            narrow = module_name in self.narrow_modules and tensor.is_floating_point()
-            dtype = (self.storage or tensor.dtype) if narrow else self.compute
-            value = tensor.to(device=self.device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-            _set_tensor(self.model, names, value)
-        del tensor
+            return
+        narrow = module_name in self.narrow_modules and tensor.is_floating_point()
+        dtype = (self.storage or tensor.dtype) if narrow else self.compute
+        value = tensor.to(device=self.device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        _set_tensor(self.model, names, value)
 
     def quantize(self, module_name: str, weight: torch.Tensor) -> None:
         from transformers.pytorch_utils import Conv1D
 
         old = self.model.get_submodule(module_name)
         conv1d = isinstance(old, Conv1D)
-        weight = weight.to(self.device, self.compute)  # as loaded by load-then-quantize
+        # As load-then-quantize sees it: rounded to the compute dtype if that is narrower; an exact upcast
+        # (bf16/fp16 -> fp32) is left to quantize_nf4, which upcasts chunk by chunk (no fp32 copy of W).
+        exact = self.compute == torch.float32 or weight.dtype == self.compute
+        weight = weight.to(self.device, weight.dtype if exact else self.compute)
         state = quantize_nf4(weight.T if conv1d else weight, self.qc.blocksize, self.qc.double_quant)
         del weight
         layer = NF4Linear(state, None, self.compute, conv1d=conv1d)
