@@ -15,13 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lorakit.adapters import export_merged, read_adapter_config, read_chat_template
+from lorakit.adapters import read_adapter_config, read_chat_template
 from lorakit.config import GenerationConfig, RunConfig, load_run_config
 from lorakit.demo import resolve_base_name, resolve_demo
 from lorakit.errors import ConfigError
 from lorakit.eval import EvalReport, evaluate_run, parse_thresholds
+from lorakit.export.merge_stream import merge_adapter_streaming
 from lorakit.generate import generate, render_chat_prompt
 from lorakit.models import load_base
 from lorakit.train import TrainResult
@@ -71,9 +70,9 @@ def generate_text(base: str, prompt: str, adapter: str | Path | None = None, *, 
 
 
 def merge(base: str, adapter: str | Path, out: str | Path) -> Path:
-    """The adapter folded into the base loaded in full precision (fp32; never into dequantized 4-bit codes),
-    written as a standard transformers checkpoint (safetensors) with the tokenizer."""
+    """The adapter folded into the base's own full-precision weights (never into dequantized 4-bit codes),
+    written as a standard transformers checkpoint (safetensors, the base's dtypes and shards, its tokenizer
+    files) shard by shard: the peak is about one tensor plus the adapter, whatever the model's size."""
     task_type = read_adapter_config(adapter).get("task_type", "CAUSAL_LM")
     task: Any = "seq_cls" if task_type == "SEQ_CLS" else "causal_lm"
-    model, tokenizer = load_base(resolve_base_name(base), task=task, dtype=torch.float32, adapter=adapter)
-    return export_merged(model, out, tokenizer)
+    return merge_adapter_streaming(resolve_base_name(base), adapter, out, task=task)

@@ -29,18 +29,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import logging
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lorakit.config import TARGET_PRESETS, LoraConfig
-from lorakit.quant.linear import NF4Linear, dequantize_scratch
+from lorakit.quant.linear import FrozenNF4, NF4Linear
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,23 @@ def fan_in_fan_out(layer: nn.Module) -> bool:
     return is_conv1d(layer) or bool(getattr(layer, "conv1d", False))
 
 
-def _frozen_base(layer: nn.Module, dtype: torch.dtype) -> tuple[Callable[[], torch.Tensor], torch.Tensor | None] | None:
-    """(function giving the (out, in) weight, bias) of a frozen base computing in `dtype`, or None.
+class _FrozenDense:
+    """A frozen full-precision (out, in) weight with the two products the fused matmul needs."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (M, in) -> x Wᵀ + b (M, out)."""
+        return torch.mm(x, self.weight.t()) if bias is None else torch.addmm(bias, x, self.weight.t())
+
+    def grad_input(self, g: torch.Tensor) -> torch.Tensor:
+        """g (M, out) -> g W (M, in)."""
+        return torch.mm(g, self.weight)
+
+
+def _frozen_base(layer: nn.Module, dtype: torch.dtype) -> tuple[Any, torch.Tensor | None] | None:
+    """(frozen base with `.linear(x, b)` and `.grad_input(g)`, bias) of a layer computing in `dtype`, or None.
 
     Only exact nn.Linear / Conv1D / NF4Linear without hooks: a subclass (bitsandbytes' Linear4bit) or
     a hooked module (accelerate's offloading) must run its own forward."""
@@ -101,19 +116,18 @@ def _frozen_base(layer: nn.Module, dtype: torch.dtype) -> tuple[Callable[[], tor
     if type(layer) is NF4Linear:
         if layer.compute_dtype != dtype:
             return None
-        return functools.partial(dequantize_scratch, layer.state(), dtype), bias  # dequantized again in backward
+        return FrozenNF4(layer.state(), dtype), bias  # decoded again in backward, tile by tile for few rows
     if type(layer) not in (nn.Linear, Conv1D) or layer.weight.requires_grad or layer.weight.dtype != dtype:
         return None
     weight = layer.weight if type(layer) is nn.Linear else layer.weight.t()  # Conv1D stores (in, out)
-    return (lambda: weight), bias
+    return _FrozenDense(weight), bias
 
 
-def _lora_matmul(x, x_lora, A, B, bias, weight_fn, scaling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lora_matmul(x, x_lora, A, B, bias, base, scaling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y (..., out), x_d (M, in), h = x_d Aᵀ (M, r)): the fused forward, shared by training and inference."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, in)
     xd = x2 if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1])  # (M, in)
-    weight = weight_fn()  # (out, in); a 4-bit base's is a scratch buffer, used here and dropped
-    y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())  # (M, out)
+    y = base.linear(x2, bias)  # (M, out)
     h = torch.mm(xd, A.t())  # (M, r)
     y.addmm_(h, B.t(), alpha=scaling)  # y += s · h Bᵀ, no (M, out) temporary
     return y.view(*x.shape[:-1], y.shape[-1]), xd, h
@@ -123,10 +137,10 @@ class _LoraMatmul(torch.autograd.Function):
     """y = x Wᵀ + b + s · (x_d Aᵀ) Bᵀ for a frozen W; the maths is in the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, x_lora, A, B, bias, weight_fn, scaling):
-        y, xd, h = _lora_matmul(x, x_lora, A, B, bias, weight_fn, scaling)
+    def forward(ctx, x, x_lora, A, B, bias, base, scaling):
+        y, xd, h = _lora_matmul(x, x_lora, A, B, bias, base, scaling)
         ctx.save_for_backward(xd, h, A, B)
-        ctx.weight_fn, ctx.scaling, ctx.same_input = weight_fn, scaling, x_lora is None
+        ctx.base, ctx.scaling, ctx.same_input = base, scaling, x_lora is None
         return y
 
     @staticmethod
@@ -136,7 +150,7 @@ class _LoraMatmul(torch.autograd.Function):
         g_h = torch.mm(g, B).mul_(ctx.scaling)  # (M, r)
         grad_x = grad_x_lora = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g, ctx.weight_fn())  # (M, out) @ (out, in) -> (M, in)
+            grad_x = ctx.base.grad_input(g)  # (M, out) @ (out, in) -> (M, in)
             if ctx.same_input:
                 grad_x.addmm_(g_h, A)  # + the LoRA path's share, in place
             grad_x = grad_x.view(*grad_y.shape[:-1], -1)
@@ -213,12 +227,12 @@ class LoraLinear(nn.Module):
             return None
         if torch.is_autocast_enabled(x.device.type):
             return None
-        weight_fn, bias = base
+        base, bias = base
         dropout = self.lora_dropout[name]
         x_lora = None if isinstance(dropout, nn.Identity) or not dropout.training else dropout(x)
         if not torch.is_grad_enabled():  # inference (decode, serving): no autograd node per layer and token
-            return _lora_matmul(x, x_lora, A, B, bias, weight_fn, self.scaling[name])[0]
-        return _LoraMatmul.apply(x, x_lora, A, B, bias, weight_fn, self.scaling[name])
+            return _lora_matmul(x, x_lora, A, B, bias, base, self.scaling[name])[0]
+        return _LoraMatmul.apply(x, x_lora, A, B, bias, base, self.scaling[name])
 
     def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Row i of the batch gets adapter row_adapters[i] (None = base only). x: (B, ..., in)."""

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.data import model_inputs
+from lorakit.quant.linear import CastLinear
 from lorakit.runtime.distributed import unwrap
 
 # Architectures whose causal-LM logits are exactly output_embeddings(final hidden states), nothing after.
@@ -108,7 +109,7 @@ def _fusable(model: nn.Module, head: Any) -> bool:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return (
         model_type in FUSED_MODEL_TYPES
-        and type(head) is nn.Linear  # not a LoRA-wrapped or quantized head
+        and type(head) in (nn.Linear, CastLinear)  # not a LoRA-wrapped or quantized head
         and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"))
     )
 
@@ -144,9 +145,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if need_w else None  # (V, d)
         grad_b = torch.zeros_like(bias) if need_b else None  # (V,)
         loss = torch.zeros((), dtype=compute, device=h.device)
+        # a head stored narrower than h (a bf16 CastLinear head, fp32 compute) is cast once per step, not per chunk
+        w, b = weight.to(h.dtype), None if bias is None else bias.to(h.dtype)
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start:start + chunk], targets[start:start + chunk]  # (c, d), (c,)
-            z = F.linear(hc, weight, bias).to(compute)  # (c, V)
+            z = F.linear(hc, w, b).to(compute)  # (c, V)
             lse = torch.logsumexp(z, dim=-1)  # (c,)
             loss += (lse - z.gather(1, yc[:, None]).squeeze(1)).sum()
             if not (need_h or need_w or need_b):
@@ -155,7 +158,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dz[torch.arange(dz.shape[0], device=dz.device), yc] -= 1.0  # - onehot(y): ∂CE/∂z, (c, V)
             dz = dz.to(h.dtype)
             if need_h:
-                torch.mm(dz, weight.to(h.dtype), out=grad_h[start:start + chunk])  # (c, V) @ (V, d)
+                torch.mm(dz, w, out=grad_h[start:start + chunk])  # (c, V) @ (V, d)
             if need_w:
                 grad_w.addmm_(dz.t().to(weight.dtype), hc.to(weight.dtype))  # (V, c) @ (c, d)
             if need_b:

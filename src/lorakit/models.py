@@ -20,7 +20,7 @@ from torch import nn
 from lorakit.adapters import load_lora_adapter
 from lorakit.config import QuantConfig
 from lorakit.errors import ModelLoadError
-from lorakit.quant import quantize_model
+from lorakit.quant.stream import load_quantized_model
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,14 @@ def load_model(
         model = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(_not_found(base_model, "model", e)) from None
+    _default_pad_token(model, task)
+    return model.to(device).eval()
+
+
+def _default_pad_token(model: nn.Module, task: str) -> None:
+    """A classifier pools the last non-pad token, so it needs a pad id; EOS stands in (as in training)."""
     if task == "seq_cls" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = model.config.eos_token_id
-    return model.to(device).eval()
 
 
 def _not_found(base_model: str, what: str, error: Exception) -> str:
@@ -100,9 +105,11 @@ def load_base(
     """(model, tokenizer): the base in `dtype` on `device`, eval mode; its linears in NF4 when `quant` is
     given (QLoRA, `serve --quant nf4`); a saved PEFT-format `adapter` directory attached when given."""
     tokenizer = load_tokenizer(base_model, revision)
-    model = load_model(base_model, task, dtype, device, revision, num_labels)
-    if quant is not None:
-        quantize_model(model, quant, compute_dtype=dtype, progress=progress)
+    if quant is None:
+        model = load_model(base_model, task, dtype, device, revision, num_labels)
+    else:  # quantized while loading: the full-precision model never exists (peak ≈ 4-bit model + one tensor)
+        model = load_quantized_model(base_model, task, quant, dtype, device, num_labels, revision, progress=progress)
+        _default_pad_token(model, task)
     if adapter is not None:
         load_lora_adapter(model, adapter)
     return model, tokenizer

@@ -72,14 +72,44 @@ def test_bit_exact_with_bitsandbytes(shape, double_quant):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_bit_exact_with_bitsandbytes(dtype):
-    """Both compute ŵ in fp32 and round once to the output dtype."""
-    w = _weight((96, 160), 0.05, seed=3).to(dtype)
+@pytest.mark.parametrize("shape", [(96, 192), (40, 128)])
+def test_half_precision_bit_exact_with_bitsandbytes(dtype, shape):
+    """Both compute ŵ in fp32 and round once to the output dtype. Shapes whose last dim is a multiple of
+    the blocksize (every real linear layer): bnb's CPU C kernel, the path bnb users actually run."""
+    w = _weight(shape, 0.05, seed=3).to(dtype)
     packed, qs = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     state = quantize_nf4(w)
     assert torch.equal(state.packed, packed.view(-1)) and torch.equal(state.qabsmax, qs.absmax)
     ours = dequantize_nf4(state, dtype)
     assert ours.dtype == dtype and torch.equal(ours, _bnb_dequantize(packed, qs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(96, 160), (2, 96), (7, 288)])
+def test_dequantize_equals_bitsandbytes_reference_when_rows_straddle_blocks(dtype, shape):
+    """Last dim a multiple of 32 but not of 64: blocks straddle rows. The codes and scales are still
+    bnb's bit for bit; the dequantized values equal bnb's generic PyTorch implementation
+    (`backends.default.ops._dequantize_4bit_compute`, the maths of its CUDA kernel: flat block b = i // 64).
+
+    NOTE: bnb 0.50.2's AVX512 CPU kernel (`cdequantize_blockwise_cpu_nf4_*`, every output dtype) gives
+    other values here: it scales element (r, c) by absmax[r·(n // 64) + c // 64], as if each row began
+    a block, so its dequantize is not the inverse of its own quantize for these shapes. Measured: all
+    of (96, 160), (3, 32), (3, 224), (2, 96), (7, 288) differ from the flat maths, while (3, 98),
+    (5, 128), (4, 192) agree. No transformer linear has such an in_features, so lorakit keeps the
+    correct maths (and bnb's CUDA results) rather than copy that indexing.
+    """
+    default_ops = pytest.importorskip("bitsandbytes.backends.default.ops")
+    backend_utils = pytest.importorskip("bitsandbytes.backends.utils")
+    w = _weight(shape, 0.05, seed=3).to(dtype)
+    packed, qs = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    state = quantize_nf4(w)
+    assert torch.equal(state.packed, packed.view(-1)) and torch.equal(state.qabsmax, qs.absmax)
+    absmax = bnb.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset  # what bnb.dequantize_4bit does
+    assert torch.equal(absmax, state.float_absmax())
+    code = backend_utils._get_4bit_code("nf4", packed.device)
+    reference = default_ops._dequantize_4bit_compute(packed.view(-1), absmax, code, 64, shape, dtype)
+    ours = dequantize_nf4(state, dtype)
+    assert ours.dtype == dtype and torch.equal(ours, reference)
 
 
 @pytest.mark.parametrize("blocksize", [64, 128])
@@ -138,3 +168,20 @@ def test_bad_inputs_name_the_value():
     w[2, 5] = float("nan")
     with pytest.raises(ValueError, match="inf/nan in 1 of 8 blocks"):
         quantize_nf4(w)
+
+
+@pytest.mark.parametrize("shape", [(300, 301), (64 * 40 + 7,), (130, 130)])
+def test_chunked_quantization_is_bit_exact_with_one_chunk(monkeypatch, shape):
+    """quantize_nf4 takes QUANT_CHUNK weights at a time (temporaries of one chunk only); chunks of any
+    whole number of blocks give the same state as quantizing all at once."""
+    import lorakit.quant.nf4 as nf4
+
+    w = _weight(shape, 0.3, seed=9)
+    monkeypatch.setattr(nf4, "QUANT_CHUNK", 10**9)
+    whole = quantize_nf4(w)
+    for chunk in (64, 640, 4096):
+        monkeypatch.setattr(nf4, "QUANT_CHUNK", chunk)
+        part = quantize_nf4(w)
+        assert all(torch.equal(a, b) for a, b in zip(part.tensors().values(), whole.tensors().values(), strict=True))
+    packed, qs = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(part.packed, packed.view(-1)) and torch.equal(part.qabsmax, qs.absmax)

@@ -1,1 +1,2 @@
-"""Deploy a trained run outside lorakit: GGUF files for llama.cpp and Ollama (`lorakit export`)."""
+"""Deploy a trained run outside lorakit: GGUF files for llama.cpp and Ollama (`lorakit export`), and merged
+transformers checkpoints written shard by shard (`merge_adapter_streaming`)."""

@@ -15,6 +15,18 @@ per-thread buffer that the next matmul reuses (a fresh weight-sized tensor per m
 on a CPU, where large allocations go back to the OS when freed). Bit-exact with `dequantize_nf4`
 (same table values, same fp32 multiply).
 
+Few rows (batch-1 training and decoding): the matmul is bound by the weight, not by the rows, and
+writing the whole fp32 Ŵ out to memory and reading it back costs more than the multiply. `nf4_linear` /
+`nf4_grad_input` then go tile by tile over output rows: R rows of Ŵ (R·in·4 bytes ≈ TILE_BYTES, so the
+tile stays in the L2 cache) are decoded and multiplied at once,
+
+    y[:, o:o+R]  = x Ŵ[o:o+R]ᵀ            forward, (M, in) x (R, in)ᵀ, written as yᵀ rows (R, M)
+    ∂x          += g[:, o:o+R] Ŵ[o:o+R]    backward, (M, R) x (R, in), accumulated over tiles
+
+so the full fp32 Ŵ never exists. Each tile is bit for bit the same rows of `dequantize_nf4`; only the
+summation order of ∂x changes (tested against the plain path to 1e-5). Above `TILED_MAX_ROWS` rows
+the multiply dominates and one big matmul on the whole Ŵ is faster: the plain path, kept as the reference.
+
 `quantize_model` swaps every nn.Linear / GPT-2 Conv1D of a model (heads excepted) for an NF4Linear;
 `NF4Linear.dequantized_layer` turns one back into a full-precision layer of the original type (merge, export).
 
@@ -28,6 +40,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +54,8 @@ _FP32_SCALES = ("absmax", "absmax2", "offset")
 _STORAGE = ("packed", "absmax", "qabsmax", "absmax2", "offset")  # NF4State tensor fields
 
 
+TILE_BYTES = 512 * 2**10  # one decoded fp32 tile: half of a 1 MiB L2 cache
+TILED_MAX_ROWS = 128  # above this, one matmul on the whole Ŵ wins (measured: bench/bench_big.py, bench/RESULTS.md)
 _scratch = threading.local()  # per thread: {(role, dtype): 1-D buffer}, grown to the largest layer seen
 
 
@@ -91,6 +106,75 @@ def dequantize_scratch(state: NF4State, dtype: torch.dtype) -> torch.Tensor:
     return values.view(state.shape)
 
 
+def _tiled(state: NF4State, rows: int, device: torch.device) -> bool:
+    """The tile-by-tile path applies: few rows, CPU, blocks that never straddle two rows of Ŵ."""
+    out_f, in_f = state.shape
+    return (
+        device.type == "cpu" and rows <= TILED_MAX_ROWS and in_f % state.blocksize == 0
+        and state.packed.numel() * 2 == out_f * in_f and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def _tiles(state: NF4State, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row o, Ŵ[o:o+R] in `dtype`) for every tile, each in the same reused buffers; bit-exact with
+    `dequantize_nf4` on those rows (same table values, same fp32 multiply, one rounding)."""
+    out_f, in_f = state.shape
+    rows = max(1, min(out_f, TILE_BYTES // (4 * in_f)))
+    per_row = in_f // state.blocksize  # scale blocks per row of Ŵ
+    absmax, table, device = _float_absmax(state), _byte_table(state.packed.device), state.packed.device
+    idx_buf = _buffer("tile codes", rows * in_f // 2, torch.int64, device)
+    tile_buf = _buffer("tile", rows * in_f, torch.float32, device)
+    cast_buf = None if dtype == torch.float32 else _buffer("tile cast", rows * in_f, dtype, device)
+    for o in range(0, out_f, rows):
+        r = min(rows, out_f - o)
+        idx = idx_buf[: r * in_f // 2].copy_(state.packed[o * in_f // 2:(o + r) * in_f // 2])  # (r·in/2,)
+        tile = tile_buf[: r * in_f]
+        torch.gather(table, 0, idx, out=tile.view(torch.int64))  # (r·in/2,) pairs of NF4 values
+        scales = absmax[o * per_row:(o + r) * per_row, None]  # (r·in/B, 1)
+        if cast_buf is None:
+            yield o, tile.view(-1, state.blocksize).mul_(scales).view(r, in_f)
+        else:  # the fp32 product rounded once, on the store, as dequantize_nf4 does
+            cast = cast_buf[: r * in_f].view(-1, state.blocksize)
+            yield o, torch.mul(tile.view(-1, state.blocksize), scales, out=cast).view(r, in_f)
+
+
+def nf4_linear(x: torch.Tensor, state: NF4State, dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x Ŵᵀ + b: x (M, in) in `dtype` -> (M, out), tile by tile for few rows on a CPU, else whole Ŵ."""
+    if not _tiled(state, x.shape[0], x.device):
+        weight = dequantize_scratch(state, dtype)  # (out, in)
+        return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    y_t = torch.empty(state.shape[0], x.shape[0], dtype=dtype, device=x.device)  # (out, M)
+    x_t = x.t()  # (in, M)
+    for o, tile in _tiles(state, dtype):
+        torch.mm(tile, x_t, out=y_t[o:o + tile.shape[0]])  # (R, in) @ (in, M) -> (R, M)
+    y = y_t.t().contiguous()  # (M, out)
+    return y if bias is None else y.add_(bias)
+
+
+def nf4_grad_input(g: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
+    """g Ŵ: g (M, out) in `dtype` -> (M, in), tile by tile for few rows on a CPU, else whole Ŵ."""
+    if not _tiled(state, g.shape[0], g.device):
+        return torch.mm(g, dequantize_scratch(state, dtype))  # (M, out) @ (out, in)
+    grad = torch.zeros(g.shape[0], state.shape[1], dtype=dtype, device=g.device)  # (M, in)
+    for o, tile in _tiles(state, dtype):
+        grad.addmm_(g[:, o:o + tile.shape[0]], tile)  # (M, R) @ (R, in)
+    return grad
+
+
+class FrozenNF4:
+    """A frozen NF4 base as LoRA's fused matmul uses it (lorakit.lora): `linear(x, b)` = x Ŵᵀ + b and
+    `grad_input(g)` = g Ŵ, both on 2-D tensors in the compute dtype. Holds no decoded weight."""
+
+    def __init__(self, state: NF4State, dtype: torch.dtype):
+        self.state, self.dtype = state, dtype
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return nf4_linear(x, self.state, self.dtype, bias)
+
+    def grad_input(self, g: torch.Tensor) -> torch.Tensor:
+        return nf4_grad_input(g, self.state, self.dtype)
+
+
 class _NF4Matmul(torch.autograd.Function):
     """y = x Ŵᵀ + b with a backward that re-dequantizes Ŵ; see the module docstring."""
 
@@ -99,18 +183,19 @@ class _NF4Matmul(torch.autograd.Function):
         # NOTE: the state is kept as a plain attribute, not save_for_backward: the buffers are frozen,
         # and saved-tensor hooks (CPU offload) would otherwise copy the packed weight every step.
         ctx.state, ctx.dtype = state, dtype
-        return F.linear(x, dequantize_scratch(state, dtype), bias)  # (..., in) -> (..., out)
+        y = nf4_linear(x.reshape(-1, x.shape[-1]), state, dtype, bias)  # (M, in) -> (M, out)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         grad_x = grad_b = None
         # Under autocast the forward matmul ran in the autocast dtype, so grad_y may be bf16 while Ŵ is
         # in the compute dtype (and backward usually runs outside the autocast block): match them.
-        grad_y = grad_y.to(ctx.dtype)
+        g = grad_y.to(ctx.dtype).reshape(-1, grad_y.shape[-1])  # (M, out)
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ dequantize_scratch(ctx.state, ctx.dtype)  # (..., out) @ (out, in) -> (..., in)
+            grad_x = nf4_grad_input(g, ctx.state, ctx.dtype).view(*grad_y.shape[:-1], -1)  # (..., in)
         if ctx.needs_input_grad[2]:
-            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)  # (out,)
+            grad_b = g.sum(0)  # (out,)
         return grad_x, None, grad_b, None
 
 
@@ -216,6 +301,17 @@ class NF4Linear(nn.Module):
         )
 
 
+class CastLinear(nn.Linear):
+    """An nn.Linear whose weight is stored in another dtype than it computes in (a bf16 LM head of an
+    fp32-compute model): y = x · W.to(x.dtype)ᵀ + b. x: (..., in) -> (..., out) in x's dtype.
+
+    The chunked loss (lorakit.loss) treats it as a plain head and casts its weight once per step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
 def quantize_model(
     model: nn.Module, config: QuantConfig, compute_dtype: torch.dtype | None = None, progress: bool = True
 ) -> list[str]:
@@ -228,7 +324,7 @@ def quantize_model(
     """
     from tqdm.auto import tqdm
 
-    targets, linear_names = _find_targets(model, config.skip_modules)
+    targets, linear_names = quant_targets(model, config.skip_modules)
     if not targets:
         raise _nothing_to_quantize(model, config, linear_names)
     for name in tqdm(targets, desc="quantizing to nf4", unit="layer", disable=not progress, leave=False):
@@ -268,7 +364,7 @@ def _release_checkpoint_mapping(model: nn.Module) -> None:
                     setattr(module, name, buffers.setdefault(id(buf), buf.clone()))
 
 
-def _find_targets(model: nn.Module, skip: list[str]) -> tuple[list[str], list[str]]:
+def quant_targets(model: nn.Module, skip: list[str]) -> tuple[list[str], list[str]]:
     """(names to quantize, names of all linear layers), both as full module names."""
     from transformers.pytorch_utils import Conv1D
 

@@ -115,21 +115,36 @@ class NF4State:
         return {name: getattr(self, name) for name in names}
 
 
+QUANT_CHUNK = 2**21  # weights quantized at once: temporaries of a few MB, not ~20 bytes per weight of the tensor
+
+
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4State:
-    """Quantize any-shape float `w` (bnb computes in fp32, so do we) into an NF4State."""
+    """Quantize any-shape float `w` (bnb computes in fp32, so do we) into an NF4State.
+
+    Blocks are independent, so `w` is taken QUANT_CHUNK weights at a time (a whole number of blocks):
+    the fp32 copy and the temporaries exist for one chunk only (a streamed load's peak is the final
+    model plus these, not plus ~20 bytes per weight of its largest tensor). Bit for bit the same."""
     if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 2 or blocksize % 2:
         raise ValueError(f"blocksize must be an even integer >= 2, got {blocksize!r} (64 is standard)")
     if not w.is_floating_point() or w.numel() == 0:
         raise ValueError(
             f"quantize_nf4 needs a non-empty float tensor, got {w.dtype} of shape {tuple(w.shape)}"
         )
-    absmax, scaled = _absmax_and_scaled(w.detach().reshape(-1).float(), blocksize)
+    x = w.detach().reshape(-1)  # (n,)
+    n, step = x.numel(), max(1, QUANT_CHUNK // blocksize) * blocksize  # step: whole blocks, even
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
+    absmaxes = []
+    for start in range(0, n, step):
+        absmax, scaled = _absmax_and_scaled(x[start:start + step].float(), blocksize)
+        codes = torch.bucketize(scaled, _tables(w.device)["nf4_mid"], out_int32=True).to(torch.uint8)  # (chunk,)
+        codes = F.pad(codes, (0, codes.numel() % 2), value=7)  # odd n: pad with the code of 0.0, like bnb
+        torch.bitwise_or(codes[0::2] << 4, codes[1::2], out=packed[start // 2:start // 2 + codes.numel() // 2])
+        absmaxes.append(absmax)
+    absmax = torch.cat(absmaxes)  # (nblocks,)
     if not torch.isfinite(absmax).all():
         bad = (~torch.isfinite(absmax)).sum().item()
         raise ValueError(f"weight of shape {tuple(w.shape)} has inf/nan in {bad} of {absmax.numel()} blocks")
-    codes = torch.bucketize(scaled, _tables(w.device)["nf4_mid"], out_int32=True).to(torch.uint8)  # (n,)
-    codes = F.pad(codes, (0, codes.numel() % 2), value=7)  # odd n: pad with the code of 0.0, like bnb
-    state = NF4State(packed=(codes[0::2] << 4) | codes[1::2], shape=w.shape, blocksize=blocksize)
+    state = NF4State(packed=packed, shape=w.shape, blocksize=blocksize)
     if not double_quant:
         state.absmax = absmax
         return state
