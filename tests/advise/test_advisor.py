@@ -68,10 +68,11 @@ def test_cli_model_directory_without_config(tmp_path, capsys):
 
 def test_cli_8b_qlora_fits_a_24_gib_machine(capsys):
     """`lorakit advise --model 8B --memory 24GB --set method=qlora`: NF4 weights + bf16 embeddings and head +
-    activations fit; the load (streamed) is not the peak, and the notes say what is streamed."""
+    activations fit; the load (streamed) is not the peak, and the notes say what is streamed. (base_model=8B
+    too: the CLI resolves the config's default base_model, the demo, even when --model replaces it.)"""
     hand = llama3_8b_by_hand()
-    assert cli_main(["advise", "--model", "8B", "--memory", "24GB", "--set", "method=qlora", "--device", "cpu",
-                     "--json"]) == 0
+    assert cli_main(["advise", "--model", "8B", "--memory", "24GB", "--set", "method=qlora", "--set", "base_model=8B",
+                     "--device", "cpu", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["fits"] and out["peak_memory_bytes"] <= 24 * 10**9 and out["peak_phase"] != "load"
     assert out["memory_terms"]["weights"]["bytes"] == hand["nf4"] + hand["unquantized"]

@@ -53,11 +53,10 @@ from lorakit.advise.shapes import Linear, ModelShape, meta_model, model_shape
 from lorakit.advise.timing import GPUS, TimeModel, assumed_gpu_rates, calibrate, matmul_rate, time_model
 from lorakit.advise.units import GiB, MiB, available_memory, fmt_bytes, fmt_seconds, parse_bytes
 from lorakit.advise.workload import Workload, resolve_workload
-from lorakit.errors import AdviceError  # re-exported for callers that import it from here
 
 __all__ = [
     "CPU_BASELINE_BYTES", "CPU_HEAP_SLACK", "CPU_PLOT_BYTES", "CUDA_ALLOCATOR_SLACK", "CUDA_CONTEXT_BYTES",
-    "FAMILIES", "GPUS", "HUB_IDS", "SIZES", "Advice", "AdviceError", "DataStats", "Fit", "GiB", "Linear",
+    "FAMILIES", "GPUS", "HUB_IDS", "SIZES", "Advice", "DataStats", "Fit", "GiB", "Linear",
     "MemoryBreakdown", "MemoryTerm", "MiB", "ModelShape", "Recommendation", "TimeModel", "Workload",
     "activation_bytes", "advise", "assumed_gpu_rates", "available_memory", "calibrate", "check_fits",
     "data_stats", "dropout_by_examples", "epochs_by_examples", "family_config", "fmt_bytes", "fmt_seconds",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.config import RunConfig
-from lorakit.data import pack_examples, prepare_data
+from lorakit.data import prepare_data, training_rows
 from lorakit.data.formats import load_records
 from lorakit.models import load_tokenizer
 
@@ -47,8 +47,7 @@ def run_data_stats(config: RunConfig) -> DataStats:
     the rows micro-batches draw from (packed to data.max_seq_len when data.packing, for causal LMs)."""
     tokenizer = load_tokenizer(config.base_model, config.revision)
     data = prepare_data(config.data, tokenizer, config.task, config.train.micro_batch_size)
-    packed = config.data.packing and config.task == "causal_lm"
-    rows = pack_examples(data.train, config.data.max_seq_len) if packed else data.train
+    rows = training_rows(data.train, config.data.packing, config.task, config.data.max_seq_len)
     stats = _stats(sorted(len(e) for e in data.train))
     stats.tokenized, stats.rows = True, len(rows)
     stats.longest_row = min(config.data.max_seq_len, max(len(r) for r in rows))  # collate pads to the row's width

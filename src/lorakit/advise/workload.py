@@ -7,14 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+
 from lorakit.advise.shapes import Linear, ModelShape, meta_model
 from lorakit.config import LoraConfig, QuantConfig, RunConfig
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.lora import find_target_modules
 from lorakit.loss import FUSED_MODEL_TYPES
-from lorakit.runtime.devices import cpu_has_fast_bf16, pick_device
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+from lorakit.models import load_dtype
+from lorakit.runtime.devices import DTYPES, cpu_has_fast_bf16, pick_device
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,11 @@ class Workload:
 def resolve_workload(config: RunConfig, shape: ModelShape, device: str | None = None, masked: bool = True,
                      seq_len: int | None = None) -> Workload:
     """Device, dtypes and LoRA targets of `config` as lorakit.train would run it. `seq_len`: the widest
-    micro-batch of the run's data when it is known (see data_stats.token_lengths), else data.max_seq_len."""
+    micro-batch of the run's data when it is known (DataStats.longest_row), else data.max_seq_len."""
     tc = config.train
     dev = (device or auto_device(tc.device)).split(":")[0]
-    if tc.dtype != "auto":
-        compute = DTYPE_BYTES[tc.dtype]
-    else:
-        compute = 2 if dev == "cuda" or (dev == "cpu" and device is None and cpu_has_fast_bf16()) else 4
-    load = 4 if config.method == "full" and compute != 4 and dev == "cpu" else compute
+    compute = _compute_dtype(tc.dtype, dev, guess_cpu=device is None)
+    load = load_dtype(config.method, compute, dev)  # lorakit.models' policy (full on a CPU: fp32 masters)
     if config.method == "full":
         compute = load  # the whole model is in the load dtype; it computes in it
     targets, extra = (), ()
@@ -70,14 +68,24 @@ def resolve_workload(config: RunConfig, shape: ModelShape, device: str | None = 
         names = set(_targets(meta, config.lora.target_modules))
         targets = tuple(lin for lin in shape.layer_linears if lin.name in names)
         extra = (shape.head,) if shape.head is not None and shape.head.name in names else ()
-    stored = DTYPE_BYTES.get(shape.checkpoint_dtype or "", load)
+    stored = DTYPES.get(shape.checkpoint_dtype or "", load)
     return Workload(
         loss="linear_ce" if _fused_loss(config, shape, extra) else "logits",
-        method=config.method, device=dev, compute_bytes=compute, load_bytes=load, storage_bytes=stored,
+        method=config.method, device=dev,
+        compute_bytes=compute.itemsize, load_bytes=load.itemsize, storage_bytes=stored.itemsize,
         micro_batch=tc.micro_batch_size, seq_len=seq_len or config.data.max_seq_len, grad_accum=tc.grad_accum,
         checkpointing=tc.gradient_checkpointing, lora=config.lora, quant=config.quant, optimizer=tc.optimizer,
         masked=masked, task=config.task, eval_enabled=True, lora_targets=targets, extra_targets=extra,
     )
+
+
+def _compute_dtype(name: str, dev: str, guess_cpu: bool) -> torch.dtype:
+    """train.dtype, or for auto: bf16 on CUDA (fp16 where bf16 is missing: the same 2 bytes), and on a CPU
+    bf16 only when this machine's CPU is fast at it and the plan is for this machine (`guess_cpu`)."""
+    if name != "auto":
+        return DTYPES[name]
+    fast = dev == "cuda" or (dev == "cpu" and guess_cpu and cpu_has_fast_bf16())
+    return torch.bfloat16 if fast else torch.float32
 
 
 def _targets(meta: Any, target_modules: Any) -> list[str]:
