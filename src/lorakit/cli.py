@@ -135,7 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_advise(args: argparse.Namespace) -> int:
     config = load_run_config(args.config, args.set) if args.config or args.set else None
-    if config is not None:  # the advisor reads the model's config.json: the demo's name becomes its directory
+    if config is not None and not args.model:  # the advisor reads config.json: 'demo' becomes its directory
         config.base_model = resolve_base_name(config.base_model)
     model = resolve_base_name(args.model) if args.model else None
     advice = advise(config, model=model, memory=args.memory, device=args.device, task=args.task,
