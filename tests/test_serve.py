@@ -1,4 +1,4 @@
-"""serve.py through the official `openai` client: parity with in-process generation, mixed-adapter
+"""lorakit.serve through the official `openai` client: parity with in-process generation, mixed-adapter
 batches, streaming, hot load/unload, path confinement, limits and errors in OpenAI's shape.
 
 One tiny Llama base (saved to a temp dir) and adapters of ranks 2, 4, 6 and 8 with random B factors, so
@@ -275,13 +275,13 @@ def test_context_window_is_checked_or_filled():
 
 
 def test_a_failing_request_does_not_take_the_server_down(client, server, monkeypatch):
-    import lorakit.serve
+    import lorakit.serve.engine
 
     def broken_sampler(*args, **kwargs):
         monkeypatch.undo()
         raise RuntimeError("simulated sampler bug")
 
-    monkeypatch.setattr(lorakit.serve, "next_tokens_per_row", broken_sampler)
+    monkeypatch.setattr(lorakit.serve.engine, "next_tokens_per_row", broken_sampler)
     with pytest.raises(openai.InternalServerError, match="simulated sampler bug"):
         client.completions.create(model="gamma", prompt="the cat", max_tokens=4)
     assert server[1].engine._thread.is_alive()
