@@ -40,7 +40,10 @@ from pathlib import Path
 import torch
 
 ADAPTERS = {"a1": (8, "attention"), "a2": (16, "all-linear"), "a3": (32, ["q_proj", "v_proj"]), "a4": (64, "all-linear"),
-            "hot": (16, "attention")}
+            "hot": (16, "attention"),
+            # for the 8-adapter case (a1..a8 in every batch): more ranks and target sets
+            "a5": (4, "all-linear"), "a6": (12, ["q_proj", "k_proj", "v_proj"]), "a7": (24, ["gate_proj", "up_proj", "down_proj"]),
+            "a8": (48, "attention")}
 
 
 # --------------------------------------------------------------------------- models on disk
