@@ -14,8 +14,8 @@ thread; CPU time is what other jobs on a shared machine disturb least). Cases, m
     mixed8   rows spread over a1..a8 (8 distinct adapters per forward)
 
 `--reference` adds single/mixed/mixed8 on the reference per-adapter loop (`adapter_rows(..., grouped=False)`),
-alternating with the rest. `--profile` prints torch.profiler's table (self CPU time) of one mixed decode step
-(`--profile-reference`: on the reference path).
+alternating with the rest. `--profile` prints torch.profiler's table (self CPU time) of --profile-steps mixed decode steps (divide by
+it for one step; `--profile-reference`: on the reference path).
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ def measure(world: dict, args: argparse.Namespace) -> dict:
             fill(engine, bank, CASES["mixed"], prompts, args.rows, args.steps)
             decode(engine, 2)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                engine._step()
+                for _ in range(args.profile_steps):  # several steps: one alone is at the mercy of neighbours
+                    engine._step()
         clear(engine)
         result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)
     return result
@@ -144,6 +145,7 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-reference", action="store_true", help="profile the reference path")
     parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument("--profile-steps", type=int, default=5, help="decode steps profiled (the table sums them)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.threads:

@@ -7,6 +7,7 @@ FastAPI and uvicorn are optional (`pip install 'lorakit[serve]'`): imported wher
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import json
 import logging
@@ -172,9 +173,14 @@ class ServerState:
     context: int | None
     vocab: int
     created: int = field(default_factory=lambda: int(time.time()))
+    # Parsing a request (chat templates, tokenizing) runs here, off the event loop, one at a time: the
+    # handlers' tokenizer is one object, and a fast tokenizer is not meant for concurrent calls.
+    parser: concurrent.futures.ThreadPoolExecutor = field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lorakit-parse"))
 
     def close(self) -> None:
         self.engine.shutdown()
+        self.parser.shutdown(wait=False)
 
 
 def _state(request: Any) -> ServerState:
@@ -239,7 +245,8 @@ async def _generate(request: Any, kind: Literal["completion", "chat"]) -> Any:
 
     state = _state(request)
     _authorize(request, state)
-    plan = parse_request(await _read_json(request, state.settings.max_body_bytes), state, kind)
+    body = await _read_json(request, state.settings.max_body_bytes)
+    plan = await asyncio.get_running_loop().run_in_executor(state.parser, parse_request, body, state, kind)
     run = Run(state, plan)
     if plan.stream:
         return StreamingResponse(run.sse(), media_type="text/event-stream",

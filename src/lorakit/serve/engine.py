@@ -96,7 +96,7 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any, model_lock: threading.Lock,
                  release: Callable[[Adapter | None], None], max_batch: int = 16, max_waiting: int = 1024,
                  max_prefill_tokens: int = 8192):
-        # its own tokenizer: handlers encode on the event loop while this thread decodes, and a fast
+        # its own tokenizer: requests are encoded on the parser thread while this one decodes, and a fast
         # tokenizer's Rust state is not meant to be shared across threads
         self.model, self.tokenizer, self.model_lock, self.release = model, copy.deepcopy(tokenizer), model_lock, release
         self.max_batch, self.max_waiting, self.max_prefill_tokens = max_batch, max_waiting, max_prefill_tokens
