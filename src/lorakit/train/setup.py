@@ -11,11 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.config import RunConfig
+from lorakit.config import WEIGHT_INITS, RunConfig, init_kind
 from lorakit.errors import TrainingError
 from lorakit.lora import inject_lora
 from lorakit.models import load_base, load_dtype
 from lorakit.quant import NF4Linear, quantize_model
+from lorakit.quant.linear import quant_targets
 
 
 def prepare_model(config: RunConfig, device: torch.device, dtype: torch.dtype,
@@ -24,26 +25,38 @@ def prepare_model(config: RunConfig, device: torch.device, dtype: torch.dtype,
 
     `load_on` (default: `device`) is where the weights are built: the CPU for FSDP2, which then moves
     only each rank's shard to the accelerator."""
+    # NOTE: lora.init pissa | olora | loftq read the full-precision W, so a qlora run with one loads the base in
+    # the compute dtype (peak: the whole model in 16 bits) and quantizes after the init, not while streaming.
+    streamed = config.method == "qlora" and not weight_init(config)
     model, tokenizer = load_base(
         config.base_model, task=config.task, dtype=load_dtype(config.method, dtype, device), device=load_on or device,
         revision=config.revision, num_labels=config.num_labels,
-        quant=config.quant if config.method == "qlora" else None, progress=True)
+        quant=config.quant if streamed else None, progress=True)
     return adapt_for_method(model, config, dtype), tokenizer
 
 
 def adapt_for_method(model: nn.Module, config: RunConfig, dtype: torch.dtype, progress: bool = True) -> nn.Module:
     """The method as config: NF4 base for qlora, adapters for lora/qlora, everything trainable for full;
     then gradient checkpointing (non-reentrant, so frozen inputs and 4-bit layers work)."""
-    if config.method == "qlora" and not any(isinstance(m, NF4Linear) for m in model.modules()):
+    quantized = any(isinstance(m, NF4Linear) for m in model.modules())
+    if config.method == "qlora" and not quantized and not weight_init(config):
         quantize_model(model, config.quant, compute_dtype=dtype, progress=progress)
     if config.method == "full":
         model.requires_grad_(True)
     else:
-        inject_lora(model, config.lora)
+        inject_lora(model, config.lora, quant=config.quant)
+    if config.method == "qlora" and weight_init(config) and quant_targets(model, config.quant.skip_modules)[0]:
+        # after PiSSA/OLoRA (the residual W − s·B₀A₀ is what gets quantized) or LoftQ (its targets are NF4 already)
+        quantize_model(model, config.quant, compute_dtype=dtype, progress=progress)
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def weight_init(config: RunConfig) -> bool:
+    """lora.init reads the full-precision base weight (pissa | pissa_niter_N | olora | loftq)."""
+    return config.method != "full" and init_kind(config.lora.init) in WEIGHT_INITS
 
 
 def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
