@@ -73,6 +73,6 @@ def merge(base: str, adapter: str | Path, out: str | Path) -> Path:
     """The adapter folded into the base's own full-precision weights (never into dequantized 4-bit codes),
     written as a standard transformers checkpoint (safetensors, the base's dtypes and shards, its tokenizer
     files) shard by shard: the peak is about one tensor plus the adapter, whatever the model's size."""
-    task_type = read_adapter_config(adapter).get("task_type", "CAUSAL_LM")
+    task_type = read_adapter_config(adapter, allow_dora=True).get("task_type", "CAUSAL_LM")
     task: Any = "seq_cls" if task_type == "SEQ_CLS" else "causal_lm"
     return merge_adapter_streaming(resolve_base_name(base), adapter, out, task=task)

@@ -130,17 +130,21 @@ def dora_forward(
     return base(x).to(x.dtype) + (scale - 1) * base_matmul(base, x_d) + scale * lora.to(x.dtype)
 
 
+def merge_update(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W' − W, n) for the merge W' = m/n ⊙ (W + s·BA): W (out, in) float32 -> (out, in), (out,) float32.
+
+    Plain PyTorch: V = W + s * B @ A;  n = V.norm(dim=1);  (m / n)[:, None] * V - W. Shared by the in-memory
+    merge and the streamed one (lorakit.export.merge_stream), which then add it to W in fp32 alike."""
+    V = torch.addmm(W, B.detach().float(), A.detach().float(), alpha=scaling)  # (out, in)  W + s·BA
+    n = torch.linalg.vector_norm(V, dim=1)  # (out,)
+    return V.mul_((m.detach().float() / n)[:, None]).sub_(W), n
+
+
 @torch.no_grad()
 def merge_delta(base: nn.Module, A: torch.Tensor, B: torch.Tensor, magnitude: Magnitude, scaling: float) -> torch.Tensor:
-    """W' − W for the merge W' = m/n ⊙ (W + s·BA): (out, in) float32, n from the unmerged W (kept for unmerge).
-
-    Plain PyTorch: (m / n)[:, None] * (W + s * B @ A) - W."""
-    W = base_weight(base, torch.float32)  # (out, in)
-    n = weight_norm(base, A, B, scaling)  # (out,)
-    magnitude.merged_norm = n
-    factor = (magnitude.weight.detach().float() / n)[:, None]  # (out, 1)
-    delta = torch.addmm(W, B.detach().float(), A.detach().float(), alpha=scaling)  # W + s·BA
-    return delta.mul_(factor).sub_(W)
+    """W' − W for merging into `base` (`merge_update` on its W, float32), keeping n for the unmerge."""
+    delta, magnitude.merged_norm = merge_update(base_weight(base, torch.float32), A, B, magnitude.weight, scaling)
+    return delta
 
 
 @torch.no_grad()
