@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from conftest import batch, build_tiny, logits
+from conftest import batch, build_tiny, logits, randomize_lora
 from lorakit import (
     LoraConfig,
     LoraLinear,
@@ -237,3 +237,51 @@ def test_delta_only_consumers_and_vllm_refuse_dora_with_the_reason(tmp_path):
     assert read_adapter_config(tmp_path / "a", allow_dora=True)["use_dora"] is True
     problems = check_adapter(tmp_path / "a", "vllm")
     assert any(p.startswith("use_dora: vLLM does not load DoRA adapters") for p in problems)
+
+
+@pytest.mark.parametrize("kind, head", [("llama_cls", "score"), ("bert_cls", "classifier")])
+def test_dora_with_a_classifier_head_trained_in_full_round_trips_with_peft(kind, head, tmp_path):
+    model = build_tiny(kind)
+    inject_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear", modules_to_save=[head],
+                                  use_dora=True))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {f"{head}.weight"} < trainable and any("lora_magnitude_vector" in n for n in trainable)
+    randomize_lora(model)
+    ids = batch()
+    save_lora_adapter(model, tmp_path / "ours")
+    ref = peft.PeftModel.from_pretrained(build_tiny(kind), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(ref, ids), logits(model, ids), **TOL)
+    ref.save_pretrained(tmp_path / "peft")
+    mine = build_tiny(kind)
+    load_lora_adapter(mine, tmp_path / "peft")
+    torch.testing.assert_close(logits(mine, ids), logits(model, ids), **TOL)
+
+
+def test_streamed_merge_of_a_dora_adapter_equals_the_in_memory_merge(tmp_path):
+    import transformers as tf
+
+    from conftest import save_tiny_base
+    from lorakit.export.merge_stream import merge_adapter_streaming
+
+    base_dir = save_tiny_base(tmp_path / "base")
+    model = tf.AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    inject_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "down_proj"], use_dora=True))
+    randomize_lora(model)
+    save_lora_adapter(model, tmp_path / "a")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])  # within the tiny tokenizer's vocabulary
+    expected = logits(model, ids)
+    merge_adapter_streaming(base_dir, tmp_path / "a", tmp_path / "merged")
+    streamed = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    in_memory = merge_lora_weights(model)
+    for name, tensor in in_memory.state_dict().items():
+        assert torch.equal(streamed.state_dict()[name], tensor), name
+    torch.testing.assert_close(logits(streamed, ids), expected, **TOL)
+
+
+def test_gguf_export_refuses_a_dora_adapter_with_the_way_out(tmp_path):
+    from lorakit.export.source import read_adapter
+
+    ours, _ = _pair("llama")
+    save_lora_adapter(ours, tmp_path / "a")
+    with pytest.raises(AdapterError, match=r"rescales every output row by m/‖W \+ s·BA‖.*lorakit merge"):
+        read_adapter(tmp_path / "a")
