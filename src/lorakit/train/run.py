@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from lorakit.advise import available_memory, check_fits
+from lorakit.advise.check import init_time_warning
 from lorakit.config import RunConfig, dump_yaml, load_run_config
 from lorakit.data import prepare_data
 from lorakit.errors import TrainingError
@@ -122,6 +123,9 @@ def check_memory(config: RunConfig) -> None:
     problem = check_fits(config, available_memory(str(device)))
     if problem:
         raise TrainingError(problem)
+    slow_init = init_time_warning(config)  # PiSSA/LoftQ SVDs of a big model on a CPU take hours
+    if slow_init and is_main():
+        print(slow_init, file=sys.stderr)
 
 
 def _prepare_data(config: RunConfig) -> Any:
