@@ -278,10 +278,16 @@ def test_streamed_merge_of_a_dora_adapter_equals_the_in_memory_merge(tmp_path):
     torch.testing.assert_close(logits(streamed, ids), expected, **TOL)
 
 
-def test_gguf_export_refuses_a_dora_adapter_with_the_way_out(tmp_path):
+def test_merged_gguf_export_applies_dora_as_the_in_memory_merge(tmp_path):
+    """export/source.py's Adapter.delta (what `lorakit export --format gguf` adds to each weight); the GGUF LoRA
+    format, which has no magnitudes, refuses DoRA (tests/export/test_gguf.py)."""
     from lorakit.export.source import read_adapter
 
     ours, _ = _pair("llama")
     save_lora_adapter(ours, tmp_path / "a")
-    with pytest.raises(AdapterError, match=r"rescales every output row by m/‖W \+ s·BA‖.*lorakit merge"):
-        read_adapter(tmp_path / "a")
+    adapter = read_adapter(tmp_path / "a")
+    assert sorted(adapter.magnitudes) == sorted(adapter.factors)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        layer = ours.get_submodule(name)
+        expected = layer.merge_delta("default")
+        torch.testing.assert_close(adapter.delta(name, layer.base_layer.weight.float()), expected, rtol=0, atol=0)
