@@ -758,7 +758,8 @@ def _refuse_dora_rows(model: nn.Module, names: Sequence[str | None]) -> None:
     # NOTE: mixed rows add each row's s·x AᵀBᵀ to a shared base output (grouped matmuls); a DoRA row instead
     # rescales its whole output row by m/‖W + s·BA‖, so it cannot ride that path. A batch whose rows all use
     # one DoRA adapter runs DoRA's own forward; a mixed one is refused rather than computed wrongly.
-    dora_names = sorted({n for n in names if n is not None and adapter_configs(model)[n].use_dora})
+    configs = adapter_configs(model)
+    dora_names = sorted({n for n in names if n is not None and getattr(configs.get(n), "use_dora", False)})
     if dora_names and len(set(names)) > 1:
         raise AdapterError(
             f"adapter(s) {dora_names} use DoRA, which rescales each layer's whole output row by m/‖W + s·BA‖ "
