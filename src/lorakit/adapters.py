@@ -405,12 +405,12 @@ def _check_modules(model: nn.Module, lora: dict, full: dict, adapter_dir: Path, 
                 f"{module}: expected lora_A {want_a} and lora_B {want_b} for this model, found "
                 f"{tuple(parts['A'].shape)} and {tuple(parts['B'].shape)}"
             )
-    params = base_parameters(model)
+    shapes = _full_shapes(model)
     for name, tensor in full.items():
-        if name not in params:
+        if name not in shapes:
             problems.append(f"{name}: no such parameter in this model")
-        elif params[name].shape != tensor.shape:
-            problems.append(f"{name}: expected shape {tuple(params[name].shape)}, found {tuple(tensor.shape)}")
+        elif shapes[name] != tuple(tensor.shape):
+            problems.append(f"{name}: expected shape {shapes[name]}, found {tuple(tensor.shape)}")
     if problems:
         base = read_metadata(adapter_dir).get("base_model", {}).get("name") or _peft_base(adapter_dir)
         raise AdapterError(
@@ -453,6 +453,16 @@ def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
         if clean is not None and ".lora_" not in f".{clean}":
             out[clean.replace(".base_layer", "")] = param
     return out
+
+
+def _full_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Shapes a module trained in full may hold, by base name: its parameters, and a 4-bit layer's (out, in)
+    weight (its trained copy is dequantized)."""
+    shapes = {name: tuple(param.shape) for name, param in base_parameters(model).items()}
+    for name, module in model.named_modules():
+        if isinstance(module, NF4Linear) and base_name(name) is not None:
+            shapes[f"{base_name(name).replace('.base_layer', '')}.weight"] = (module.out_features, module.in_features)
+    return shapes
 
 
 def _copy_weights(model: nn.Module, lora: dict, full: dict, saved: list[str], adapter_name: str) -> None:
