@@ -297,11 +297,9 @@ def test_error_wrong_head_shape_names_parameter_and_shapes(tmp_path):
     config = tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                            vocab_size=97, max_position_embeddings=128, num_labels=2)
     two_labels = tf.BertForSequenceClassification(config)
-    with pytest.raises(AdapterError, match=r"trained for base .* a different base model or revision"):
-        load_lora_adapter(two_labels, tmp_path / "a")
     with pytest.raises(AdapterError, match=r"classifies into 3 labels \['LABEL_0', 'LABEL_1', 'LABEL_2'\], but this "
                                            r"BertForSequenceClassification has num_labels=2; load the base with num_labels=3"):
-        load_lora_adapter(two_labels, tmp_path / "a", check_base=False)
+        load_lora_adapter(two_labels, tmp_path / "a")  # before the fingerprint, which the head's shape also changes
     (tmp_path / "a" / "lorakit.json").unlink()  # as PEFT saves it: the shapes tell
     with pytest.raises(AdapterError) as e:
         load_lora_adapter(two_labels, tmp_path / "a")

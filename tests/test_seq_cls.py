@@ -140,7 +140,9 @@ def test_merge_writes_a_standard_classifier_with_head_and_label_names(family, tr
 def test_eval_reports_accuracy_and_macro_f1_for_base_and_tuned(trained):
     run = trained("bert")
     at_end = run.result.summary["eval"]
-    report = api.evaluate(run.root / "run" / "config.yaml", out=run.root / "again")
+    config = run_config("bert", run.root)  # the user's config: num_labels null, read from the adapter
+    assert config.num_labels is None
+    report = api.evaluate(config, out=run.root / "again")
     for side in ("base", "tuned"):
         assert {"eval_loss", "accuracy", "macro_f1"} <= set(report.json[side])
     assert report.tuned == pytest.approx(at_end["tuned"])  # reloaded: the same numbers as at the end of training
@@ -268,7 +270,7 @@ def test_num_labels_mismatch_with_the_model_is_refused(tmp_path):
     with pytest.raises(AdapterError, match=r"classifies into 3 labels \['LABEL_0', 'LABEL_1', 'LABEL_2'\], but this "
                                            r"LlamaForSequenceClassification has num_labels=2; load the base with "
                                            r"num_labels=3 \(`num_labels: 3` in the run config"):
-        load_lora_adapter(classifier("llama", num_labels=2), tmp_path / "a", check_base=False)
+        load_lora_adapter(classifier("llama", num_labels=2), tmp_path / "a")
 
 
 def test_num_labels_mismatch_with_the_data_is_refused_before_loading(tmp_path):
@@ -322,3 +324,33 @@ def test_truncation_keeps_the_closing_sep(tmp_path):
     tokens = tokenizer.convert_ids_to_tokens(data.train[0].input_ids)
     assert len(tokens) == 8 and tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and tokens.count("[SEP]") == 2
     assert data.stats["train"]["truncated"] == 1 and data.stats["train"]["tokens_lost_to_truncation"] == 13 - 8
+
+
+def test_a_head_named_otherwise_is_named_by_the_user_and_then_loads(tmp_path, caplog):
+    """T5's head is `classification_head`, which PEFT's SEQ_CLS names do not match: the default warns and says to
+    name it; named, it is trained and saved, and the adapter is not refused for lacking a head."""
+    config = tf.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, vocab_size=50, num_labels=3,
+                         decoder_start_token_id=0)
+
+    def t5() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return tf.T5ForSequenceClassification(config).eval()
+
+    with caplog.at_level(logging.WARNING, logger="lorakit.lora"):
+        inject_lora(t5(), LoraConfig(r=2, target_modules=["q", "v"]))  # NOTE: T5's FFN reads wo.weight itself
+    assert "Name the module that computes the logits in lora.modules_to_save" in caplog.text
+    model = t5()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lorakit.lora"):
+        inject_lora(model, LoraConfig(r=2, dropout=0.0, target_modules=["q", "v"], modules_to_save=["classification_head"]))
+    assert caplog.text == ""
+    randomize_trainable(model)
+    save_lora_adapter(model, tmp_path / "a")
+    ids = torch.randint(3, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    ids[:, -1] = config.eos_token_id  # T5 classifies from the <eos> representation
+    again = t5()
+    load_lora_adapter(again, tmp_path / "a")
+    ref = peft.PeftModel.from_pretrained(t5(), tmp_path / "a").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(ref(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)

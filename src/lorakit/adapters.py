@@ -33,7 +33,7 @@ from lorakit.errors import AdapterError
 from lorakit.heads import (
     SEQ_CLS_HEAD_NAMES,
     base_name,
-    is_head_name,
+    carries_head,
     is_sequence_classifier,
     saved_modules,
     set_label_names,
@@ -286,12 +286,12 @@ def load_lora_adapter(
     (lorakit.json) become the model's id2label."""
     adapter_dir = Path(adapter_dir)
     peft_config = read_adapter_config(adapter_dir)
-    if check_base:
-        _check_fingerprint(model, adapter_dir)
     tensors = read_adapter_tensors(adapter_dir)
     lora, full = split_adapter_keys(tensors, adapter_dir)
     meta = read_metadata(adapter_dir).get("classifier")
-    _check_classifier(model, full, meta, adapter_dir, require_head)
+    _check_classifier(model, full, meta, adapter_dir, require_head)  # first: num_labels also changes the fingerprint
+    if check_base:
+        _check_fingerprint(model, adapter_dir)
     _check_modules(model, lora, full, adapter_dir, int(peft_config.get("r", 8)))
     saved = saved_module_names(full, peft_config.get("modules_to_save"))
     config = LoraConfig(
@@ -326,7 +326,7 @@ def _check_classifier(model: nn.Module, full: dict, meta: dict | None, adapter_d
     """A classifier adapter must carry its head and be for this many classes."""
     if not is_sequence_classifier(model):
         return
-    if require_head and not any(is_head_name(module) for key in full for module in _prefixes(key)):
+    if require_head and not carries_head(model, [module for key in full for module in _prefixes(key)]):
         raise AdapterError(
             f"adapter {adapter_dir} carries no classification head (no {'/'.join(SEQ_CLS_HEAD_NAMES)} weights in "
             f"{WEIGHTS_FILE}), but {type(model).__name__} predicts through one: with this base's head -- random "

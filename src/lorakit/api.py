@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lorakit.adapters import adapter_num_labels, export_merged, read_adapter_config, read_chat_template
+from lorakit.adapters import export_merged, read_adapter_config, read_chat_template
 from lorakit.config import GenerationConfig, RunConfig, load_run_config
 from lorakit.demo import resolve_base_name, resolve_demo
 from lorakit.errors import ConfigError
@@ -76,7 +76,5 @@ def merge(base: str, adapter: str | Path, out: str | Path) -> Path:
     AutoModelForSequenceClassification checkpoint with its trained head and class names (id2label)."""
     task_type = read_adapter_config(adapter).get("task_type", "CAUSAL_LM")
     task: Any = "seq_cls" if task_type == "SEQ_CLS" else "causal_lm"
-    num_labels = adapter_num_labels(adapter) if task == "seq_cls" else None
-    model, tokenizer = load_base(resolve_base_name(base), task=task, dtype=torch.float32, num_labels=num_labels,
-                                 adapter=adapter)
+    model, tokenizer = load_base(resolve_base_name(base), task=task, dtype=torch.float32, adapter=adapter)
     return export_merged(model, out, tokenizer)

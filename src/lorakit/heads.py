@@ -126,6 +126,13 @@ def is_head_name(name: str) -> bool:
     return name.endswith(SEQ_CLS_HEAD_NAMES)
 
 
+def carries_head(model: nn.Module, modules: Sequence[str]) -> bool:
+    """Whether `modules` (trained in full) include the classifier's head: a module named as PEFT names heads --
+    or, for a model whose head is called otherwise (T5's classification_head), any module at all."""
+    named = any(is_head_name(n) for n, _ in model.named_modules() if base_name(n) == n)
+    return any(is_head_name(m) for m in modules) if named else bool(modules)
+
+
 def classifier_head(model: nn.Module) -> list[str]:
     """The modules task seq_cls trains in full by default: PEFT's SEQ_CLS heads (names ending in `classifier`
     or `score`) plus a module named `pooler` that has weights -- outermost modules only."""

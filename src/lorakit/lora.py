@@ -46,8 +46,8 @@ from lorakit.config import TARGET_PRESETS, LoraConfig
 from lorakit.heads import (
     SavedModule,
     base_name,
+    carries_head,
     classifier_head,
-    is_head_name,
     is_sequence_classifier,
     saved_modules,
 )
@@ -384,12 +384,13 @@ def resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[s
         if isinstance(module, LoraLinear) or any(isinstance(m, LoraLinear) for m in module.modules()):
             raise ValueError(f"lora.modules_to_save entry {name!r} carries LoRA layers of another adapter; a module "
                              "trained in full cannot also be LoRA-adapted -- load this adapter into its own model")
-    if is_sequence_classifier(model) and not any(is_head_name(n) for n in found):
-        log.warning(
-            "lora.modules_to_save=%s trains no classification head of this %s: the adapter will not carry one, so "
-            "its predictions depend on the base's head -- random whenever the base was not trained for this task. "
-            "Leave lora.modules_to_save unset (null) to train and save %s, as PEFT's task_type=SEQ_CLS does.",
-            names, type(model).__name__, classifier_head(model))
+    if is_sequence_classifier(model) and not carries_head(model, found):
+        heads = classifier_head(model)
+        fix = (f"Leave lora.modules_to_save unset (null) to train and save {heads}, as PEFT's task_type=SEQ_CLS does."
+               if heads else "Name the module that computes the logits in lora.modules_to_save.")
+        log.warning("lora.modules_to_save=%s trains no classification head of this %s: the adapter will not carry one, "
+                    "so its predictions depend on the base's head -- random whenever the base was not trained for this "
+                    "task. %s", names, type(model).__name__, fix)
     return found
 
 
