@@ -27,14 +27,17 @@ SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
 
 
 def wordpiece_tokenizer(segment_ids: bool = True) -> tf.PreTrainedTokenizerFast:
-    """A WordPiece tokenizer trained on this task's words, framing rows as BERT's does:
-    [CLS] a [SEP] and [CLS] a [SEP] b [SEP] (token types 0…0 1…1 when `segment_ids`)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A BERT-style WordPiece tokenizer for this task's words, framing rows as BERT's does: [CLS] a [SEP] and
+    [CLS] a [SEP] b [SEP] (token types 0…0 1…1 when `segment_ids`). Its vocabulary is written out (the words,
+    and letters for anything else) rather than trained: WordPieceTrainer's result varies from one process to the
+    next, and the fresh-process reload needs the same ids."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    letters = sorted(set("".join(WORDS)))
+    pieces = SPECIALS + WORDS + letters + [f"##{c}" for c in letters]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(pieces)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator([" ".join(WORDS)] * 4, trainers.WordPieceTrainer(vocab_size=200, special_tokens=SPECIALS))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
@@ -56,6 +59,27 @@ def word_tokenizer() -> tf.PreTrainedTokenizerFast:
                                       eos_token="</s>", model_input_names=["input_ids", "attention_mask"])
 
 
+def bpe_tokenizer() -> tf.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer, as Qwen2's (transformers loads any Qwen2 checkpoint's tokenizer as
+    Qwen2Tokenizer, which rebuilds a byte-level BPE from the saved vocabulary and merges): no BOS, no EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(WORDS)] * 4, trainer)
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                      model_input_names=["input_ids", "attention_mask"])
+
+
+def tokenizer_for(family: str) -> tf.PreTrainedTokenizerFast:
+    if family == "qwen2":
+        return bpe_tokenizer()
+    return word_tokenizer() if family in DECODERS else wordpiece_tokenizer(segment_ids=family == "bert")
+
+
 def base_model(family: str, tokenizer: tf.PreTrainedTokenizerFast) -> torch.nn.Module:
     """The family's backbone as published: no classification head (DeBERTa's pooler is part of the head)."""
     vocab, pad = len(tokenizer), tokenizer.pad_token_id
@@ -71,13 +95,14 @@ def base_model(family: str, tokenizer: tf.PreTrainedTokenizerFast) -> torch.nn.M
         return tf.DebertaV2Model(tf.DebertaV2Config(**SMALL, vocab_size=vocab, pad_token_id=pad, max_position_embeddings=64,
                                                     pooler_hidden_size=32, relative_attention=True, position_buckets=16))
     config_cls, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[family]
-    return model_cls(config_cls(**SMALL, num_key_value_heads=2, vocab_size=vocab, pad_token_id=pad, bos_token_id=2,
-                                eos_token_id=3, max_position_embeddings=64))
+    return model_cls(config_cls(**SMALL, num_key_value_heads=2, vocab_size=vocab, pad_token_id=pad,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                max_position_embeddings=64))
 
 
 def save_base(family: str, path: Path, seed: int = 0) -> Path:
     """A tiny published-style base directory (weights + tokenizer) for `family`."""
-    tokenizer = word_tokenizer() if family in DECODERS else wordpiece_tokenizer(segment_ids=family == "bert")
+    tokenizer = tokenizer_for(family)
     torch.manual_seed(seed)
     base_model(family, tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
