@@ -15,7 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorakit.adapters import read_adapter_config, read_chat_template
+import torch
+
+from lorakit.adapters import export_merged, read_adapter_config, read_chat_template
 from lorakit.config import GenerationConfig, RunConfig, load_run_config
 from lorakit.demo import resolve_base_name, resolve_demo
 from lorakit.errors import ConfigError
@@ -71,8 +73,14 @@ def generate_text(base: str, prompt: str, adapter: str | Path | None = None, *, 
 
 def merge(base: str, adapter: str | Path, out: str | Path) -> Path:
     """The adapter folded into the base's own full-precision weights (never into dequantized 4-bit codes),
-    written as a standard transformers checkpoint (safetensors, the base's dtypes and shards, its tokenizer
-    files) shard by shard: the peak is about one tensor plus the adapter, whatever the model's size."""
+    written as a standard transformers checkpoint (safetensors) with the tokenizer.
+
+    A causal LM is merged shard by shard (the base's dtypes and shards; peak ≈ one tensor + the adapter,
+    whatever the model's size). A SEQ_CLS adapter gives an AutoModelForSequenceClassification checkpoint
+    with its trained head and class names (id2label), merged in memory in fp32 (its config changes too)."""
     task_type = read_adapter_config(adapter).get("task_type", "CAUSAL_LM")
     task: Any = "seq_cls" if task_type == "SEQ_CLS" else "causal_lm"
-    return merge_adapter_streaming(resolve_base_name(base), adapter, out, task=task)
+    if task == "causal_lm":
+        return merge_adapter_streaming(resolve_base_name(base), adapter, out, task=task)
+    model, tokenizer = load_base(resolve_base_name(base), task=task, dtype=torch.float32, adapter=adapter)
+    return export_merged(model, out, tokenizer)

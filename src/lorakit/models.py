@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lorakit.adapters import load_lora_adapter
+from lorakit.adapters import adapter_num_labels, load_lora_adapter
 from lorakit.config import QuantConfig
 from lorakit.errors import ModelLoadError
 from lorakit.quant.stream import load_quantized_model
@@ -105,6 +105,8 @@ def load_base(
     """(model, tokenizer): the base in `dtype` on `device`, eval mode; its linears in NF4 when `quant` is
     given (QLoRA, `serve --quant nf4`); a saved PEFT-format `adapter` directory attached when given."""
     tokenizer = load_tokenizer(base_model, revision)
+    if task == "seq_cls" and num_labels is None and adapter is not None:  # the head the adapter was trained with
+        num_labels = adapter_num_labels(adapter)
     if quant is None:
         model = load_model(base_model, task, dtype, device, revision, num_labels)
     else:  # quantized while loading: the full-precision model never exists (peak ≈ 4-bit model + one tensor)

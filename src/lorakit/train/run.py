@@ -13,7 +13,7 @@ import torch
 
 from lorakit.advise import available_memory, check_fits
 from lorakit.config import RunConfig, dump_yaml, load_run_config
-from lorakit.data import prepare_data
+from lorakit.data import check_num_labels, prepare_data
 from lorakit.errors import TrainingError
 from lorakit.eval import evaluate_run
 from lorakit.lora import parameter_report
@@ -60,7 +60,8 @@ def _train(config: RunConfig, device: torch.device, resume: bool, progress: bool
     if is_main():
         dump_yaml(config, run_dir / "config.yaml")  # again: data paths and num_labels may now be filled in
     torch.manual_seed(config.train.seed)  # the same initial adapter on every rank
-    model, tokenizer = prepare_model(config, device, dtype, load_on=torch.device("cpu") if fsdp else device)
+    model, tokenizer = prepare_model(config, device, dtype, load_on=torch.device("cpu") if fsdp else device,
+                                     label_names=data.label_names)
     fingerprint = adapter_fingerprint(model, config)  # before FSDP2 turns NF4 codes into (sharded) parameters
     if is_main():
         print(parameter_report(model), file=sys.stderr)
@@ -129,6 +130,9 @@ def _prepare_data(config: RunConfig) -> Any:
     data = prepare_data(config.data, tokenizer, config.task, config.train.micro_batch_size)
     if config.task == "seq_cls" and config.num_labels is None:
         config.num_labels = len(data.label_names) if data.label_names else 1 + max(e.labels for e in data.train + data.eval)
+    elif config.task == "seq_cls":
+        check_num_labels(data, config.num_labels, "num_labels in the config",
+                         "fix the labels, or set num_labels to null to read it from the data")
     return data
 
 

@@ -13,21 +13,25 @@ from torch import nn
 
 from lorakit.config import RunConfig
 from lorakit.errors import TrainingError
+from lorakit.heads import set_label_names
 from lorakit.lora import inject_lora
 from lorakit.models import load_base, load_dtype
 from lorakit.quant import NF4Linear, quantize_model
 
 
 def prepare_model(config: RunConfig, device: torch.device, dtype: torch.dtype,
-                  load_on: torch.device | None = None) -> tuple[nn.Module, Any]:
+                  load_on: torch.device | None = None, label_names: list[str] | None = None) -> tuple[nn.Module, Any]:
     """Load the base (NF4 for QLoRA), add adapters (or unfreeze all for full).
 
     `load_on` (default: `device`) is where the weights are built: the CPU for FSDP2, which then moves
-    only each rank's shard to the accelerator."""
+    only each rank's shard to the accelerator. `label_names` (seq_cls) become the head's id2label, which the
+    adapter's lorakit.json and a merged checkpoint carry."""
     model, tokenizer = load_base(
         config.base_model, task=config.task, dtype=load_dtype(config.method, dtype, device), device=load_on or device,
         revision=config.revision, num_labels=config.num_labels,
         quant=config.quant if config.method == "qlora" else None, progress=True)
+    if config.task == "seq_cls":
+        set_label_names(model, label_names)
     return adapt_for_method(model, config, dtype), tokenizer
 
 
