@@ -11,24 +11,13 @@ import json
 import sys
 from pathlib import Path
 
+from lorakit.errors import LorakitError
+
 EXIT_USER_ERROR = 2
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from lorakit.adapters import AdapterError
-    from lorakit.advise import AdviceError
-    from lorakit.config import ConfigError
-    from lorakit.models import ModelLoadError
-    from lorakit.train import TrainingError
-
-    errors: list[type[BaseException]] = [AdapterError, AdviceError, ConfigError, ModelLoadError, TrainingError]
-    try:
-        from lorakit.data import DataError
-
-        errors.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (LorakitError,)  # every mistake a user can fix derives from it (lorakit.errors)
 
 
 # --------------------------------------------------------------------------- commands
@@ -40,8 +29,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.nproc is not None and args.nproc > 1 and not launched():
         return _relaunch_train(args)
-    result = train_lora(args.config, args.set, resume=args.resume, progress=not args.quiet,
-                        memory_check=not args.no_memory_check)
+    result = train_lora(args.config, args.set, resume=args.resume or args.resume_anyway, progress=not args.quiet,
+                        memory_check=not args.no_memory_check, overwrite=args.overwrite,
+                        resume_anyway=args.resume_anyway)
     if result.rank == 0:
         print(format_summary(result))
     return 0
@@ -57,7 +47,8 @@ def _relaunch_train(args: argparse.Namespace) -> int:
     for override in args.set:
         child += ["--set", override]
     child += [flag for flag, on in (("--resume", args.resume), ("--quiet", args.quiet),
-                                    ("--no-memory-check", args.no_memory_check)) if on]
+                                    ("--no-memory-check", args.no_memory_check), ("--overwrite", args.overwrite),
+                                    ("--resume-anyway", args.resume_anyway)) if on]
     return relaunch(args.nproc, child, Path(config.output_dir))
 
 
@@ -86,13 +77,14 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit.config import load_run_config
-    from lorakit.evaluate import evaluate_run
+    from lorakit.evaluate import evaluate_run, parse_thresholds
 
+    thresholds = parse_thresholds(args.fail_below or [])  # a bad spec stops here, before the eval runs
     config = load_run_config(args.config, args.set)
     adapter = Path(args.adapter) if args.adapter else Path(config.output_dir) / "adapter"
     report = evaluate_run(config, adapter, Path(args.out or Path(config.output_dir) / "eval"))
     print(json.dumps(report.json, indent=2) if args.json else report.markdown)
-    failures = report.failures(args.fail_below or [])
+    failures = report.failures(thresholds)
     for failure in failures:
         print(f"FAIL: {failure}", file=sys.stderr)
     return 1 if failures else 0
@@ -132,22 +124,26 @@ def cmd_adapters_check(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     import torch
 
-    from lorakit.adapters import export_merged, load_lora_adapter
+    from lorakit.adapters import export_merged, load_lora_adapter, read_adapter_config
     from lorakit.models import load_model, load_tokenizer
+    from lorakit.runtime.outdir import check_output_dir
 
-    meta_task = json.loads((Path(args.adapter) / "adapter_config.json").read_text()).get("task_type", "CAUSAL_LM")
+    check_output_dir(args.out, args.force)  # before anything is loaded
+    meta_task = read_adapter_config(args.adapter).get("task_type", "CAUSAL_LM")
     task = "seq_cls" if meta_task == "SEQ_CLS" else "causal_lm"
     model = load_model(args.base, task, torch.float32)
     load_lora_adapter(model, args.adapter)
-    out = export_merged(model, args.out, load_tokenizer(args.base))
+    out = export_merged(model, args.out, load_tokenizer(args.base), force=args.force)
     print(f"merged model written to {out} (standard transformers format, safetensors)")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lorakit.generate import GenerationConfig, generate, render_chat_prompt
+    from lorakit.generate import GenerationConfig, check_generation, generate, render_chat_prompt
     from lorakit.models import load_model, load_tokenizer
 
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    check_generation(config, [args.prompt] if args.raw else [], flags=True)  # before loading anything
     tokenizer = load_tokenizer(args.base)
     model = load_model(args.base)
     template = None
@@ -160,7 +156,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if not args.raw and (template or tokenizer.chat_template):
         prompt = render_chat_prompt(tokenizer, [{"role": "user", "content": args.prompt}], template)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     print(generate(model, tokenizer, [prompt], config)[0])
     return 0
 
@@ -219,7 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune from a YAML run config")
     p.add_argument("config", nargs="?", help="YAML run config (omit for all defaults: the demo)")
     _add_set(p)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    again.add_argument("--overwrite", action="store_true",
+                       help="output_dir holds a previous run: start over, moving it to <output_dir>.old-<time>/ "
+                            "once the config, data and model are validated (nothing is deleted)")
+    p.add_argument("--resume-anyway", action="store_true",
+                   help="with --resume: continue although lora/quant/lr/batch/data differ from the checkpoint's")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-memory-check", action="store_true",
                    help="start even when the advisor predicts the run will not fit in memory")
@@ -259,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="fold an adapter into its base and save a standard transformers model")
     p.add_argument("--base", required=True, help="hub id or directory of the base model ('demo' for the built-in one)")
     p.add_argument("--adapter", required=True, help="adapter directory")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (new or empty, unless --force)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out: replace only the files merge writes, keep the rest")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("generate", help="one answer from the command line")

@@ -27,7 +27,20 @@ def resolve_base(base_model: str) -> str:
         from lorakit.demo import ensure_demo_model
 
         return str(ensure_demo_model())
+    _check_model_dir(base_model)
     return base_model
+
+
+def _check_model_dir(base_model: str) -> None:
+    """A local path must be a model directory: say so before transformers blames the tokenizer or sentencepiece."""
+    path = Path(base_model)
+    if path.is_file():
+        raise ModelLoadError(f"base_model {base_model!r} is a file; point it at a model directory (config.json, "
+                             "*.safetensors, tokenizer files) or a hub id")
+    if path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(p.name for p in path.iterdir())[:8]
+        raise ModelLoadError(f"base_model {base_model!r} has no config.json (found: {found or 'nothing'}); point it "
+                             "at a transformers model directory (config.json, *.safetensors, tokenizer files)")
 
 
 def load_tokenizer(base_model: str, revision: str | None = None) -> Any:

@@ -34,8 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.adapters import save_lora_adapter
-from lorakit.config import RunConfig, dump_yaml, load_run_config
-from lorakit.errors import TrainingError
+from lorakit.config import RunConfig, dump_yaml, load_run_config, to_dict
+from lorakit.errors import ConfigError, TrainingError
 from lorakit.lora import inject_lora, parameter_report
 from lorakit.runtime.atomic import atomic_directory, atomic_file
 from lorakit.runtime.checkpoint import (
@@ -68,6 +68,9 @@ from lorakit.runtime.distributed import (
     world_size,
     wrap_model,
 )
+from lorakit.runtime.outdir import output_errors
+from lorakit.runtime.resume import check_resume
+from lorakit.runtime.rundir import RunDirClaim, claim_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -368,10 +371,11 @@ class Loop:
         if tensors is not None:
             load_trainable_state(self.model, tensors, path)
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> Path:
         self.state.elapsed_s = self.elapsed()
-        save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, self.state,
-                        self.config.train.keep_checkpoints)
+        return save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, self.state,
+                               self.config.train.keep_checkpoints,
+                               {"config": to_dict(self.config), "data_hash": self.data.stats.get("data_hash")})
 
     def resume(self) -> None:
         found = broadcast(list_checkpoints(self.run_dir) if is_main() else None)
@@ -422,7 +426,9 @@ class Loop:
         except KeyboardInterrupt:
             self.stop_reason = "interrupted"
             if self.world == 1:  # NOTE: across ranks a checkpoint is collective; an interrupt may hit one rank only
-                self.checkpoint()
+                print(f"interrupted at step {self.state.step}: saved {self.checkpoint()}; continue with --resume",
+                      file=sys.stderr)
+            raise
         finally:
             bar.close()
             if metrics is not None:
@@ -477,33 +483,49 @@ def training_rows(examples: list[Any], config: RunConfig) -> list[Any]:
 
 
 def train_lora(config: RunConfig | str | Path, overrides: list[str] | None = None, resume: bool = False,
-               progress: bool = True, memory_check: bool = True) -> TrainResult:
+               progress: bool = True, memory_check: bool = True, overwrite: bool = False,
+               resume_anyway: bool = False) -> TrainResult:
     """Run one fine-tuning job end to end and return where everything went.
 
     `config` is a RunConfig or a YAML path (validated whole before any weight is loaded). With
     `memory_check` the advisor predicts the peak memory from config.json alone and stops the run, with
     what to change, before any weight is loaded when it would not fit. Under torchrun every rank calls
-    this (see lorakit.runtime.distributed); a worker group that torchrun restarted resumes by itself."""
+    this (see lorakit.runtime.distributed); a worker group that torchrun restarted resumes by itself.
+
+    An output_dir holding a previous run is refused unless `resume` (continue it: the checkpoint's config
+    and data must match, or `resume_anyway`) or `overwrite` (moved aside once everything is validated)."""
+    source = None if isinstance(config, RunConfig) or config is None else Path(config)
     if not isinstance(config, RunConfig):
         config = load_run_config(config, overrides)
-    with process_group(config.train.device) as device:
-        return _train(config, device, resume or restarted(), progress and is_main(), memory_check)
+    if resume and overwrite:
+        raise ConfigError(["--resume continues the run in output_dir, --overwrite starts over: pass one of them"])
+    resume = resume or restarted()
+    mode = "resume" if resume else "overwrite" if overwrite else "new"
+    with process_group(config.train.device) as device, output_errors(config.output_dir), \
+            claim_run_dir(config.output_dir, mode, source, main=is_main()) as claim:
+        return _train(config, device, claim, progress and is_main(), memory_check, resume_anyway)
 
 
-def _train(config: RunConfig, device: torch.device, resume: bool, progress: bool, memory_check: bool) -> TrainResult:
+def _train(config: RunConfig, device: torch.device, claim: RunDirClaim, progress: bool, memory_check: bool,
+           resume_anyway: bool = False) -> TrainResult:
+    resume = claim.mode == "resume"
     fsdp = config.train.parallel == "fsdp" and world_size() > 1
     if fsdp and config.train.optimizer != "adamw":
         raise TrainingError(f"train.optimizer: {config.train.optimizer} cannot update FSDP2-sharded parameters; "
                             f"use adamw with train.parallel: fsdp, or train.parallel: ddp")
     if memory_check and not fsdp:  # NOTE: the advisor models one device holding the whole model, not FSDP shards
         check_memory(config)
-    run_dir = prepare_run_dir(config, resume)
+    run_dir = claim.path
     dtype = pick_dtype(config.train.dtype, device)
     data = _prepare_data(config)
-    if is_main():
-        dump_yaml(config, run_dir / "config.yaml")  # again: data paths and num_labels may now be filled in
+    if resume:
+        check_resume(config, run_dir, data.stats.get("data_hash"), resume_anyway)
     torch.manual_seed(config.train.seed)  # the same initial adapter on every rank
     model, tokenizer = prepare_model(config, device, dtype, load_on=torch.device("cpu") if fsdp else device)
+    claim.commit()  # config, data and model are valid: only now may --overwrite move the previous run aside
+    if is_main():
+        dump_yaml(config, run_dir / "config.yaml")  # resolved: data paths and num_labels filled in
+    barrier()
     fingerprint = _base_fingerprint(model, config)  # before FSDP2 turns NF4 codes into (sharded) parameters
     if is_main():
         print(parameter_report(model), file=sys.stderr)
@@ -539,18 +561,6 @@ def evaluate_at_end(result: TrainResult, config: RunConfig, progress: bool) -> N
     result.summary["eval"] = report.json
     if progress:
         print(report.markdown, file=sys.stderr)
-
-
-def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
-    """Create output_dir; a fresh run clears the previous one's files; rank 0 writes config.yaml."""
-    run_dir = Path(config.output_dir)
-    if is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            _clear_previous_run(run_dir)
-        dump_yaml(config, run_dir / "config.yaml")
-    barrier()
-    return run_dir
 
 
 def batch_report(config: RunConfig) -> str:
@@ -599,16 +609,6 @@ def _prepare_data(config: RunConfig) -> Any:
     if config.task == "seq_cls" and config.num_labels is None:
         config.num_labels = len(data.label_names) if data.label_names else 1 + max(e.labels for e in data.train + data.eval)
     return data
-
-
-def _clear_previous_run(run_dir: Path) -> None:
-    """A fresh (non-resumed) run starts with empty metrics and no stale checkpoints."""
-    import shutil
-
-    for name in ("metrics.jsonl", "summary.json", "loss.png"):
-        (run_dir / name).unlink(missing_ok=True)
-    for name in ("checkpoints", "best"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
 def oom_advice(config: RunConfig) -> str:
