@@ -170,6 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         adapter_roots=args.adapter_root, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"), max_batch=args.max_batch,
         max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
+        max_waiting=args.max_waiting,
         device=args.device, dtype=args.dtype,
     )
     return run_server(settings)
@@ -285,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set LORAKIT_API_KEY)")
     p.add_argument("--max-batch", type=int, default=16, help="most sequences per forward (default 16)")
+    p.add_argument("--max-waiting", type=int, default=1024,
+                   help="most sequences queued behind the running batch (503 above; default 1024)")
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt accepted, in tokens")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (413 above)")

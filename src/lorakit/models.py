@@ -27,12 +27,12 @@ def resolve_base(base_model: str) -> str:
         from lorakit.demo import ensure_demo_model
 
         return str(ensure_demo_model())
-    _check_model_dir(base_model)
     return base_model
 
 
 def _check_model_dir(base_model: str) -> None:
-    """A local path must be a model directory: say so before transformers blames the tokenizer or sentencepiece."""
+    """A local path must be a model directory: say so before transformers blames the tokenizer or sentencepiece
+    (a tokenizer alone loads without config.json, so load_tokenizer asks only once it has failed)."""
     path = Path(base_model)
     if path.is_file():
         raise ModelLoadError(f"base_model {base_model!r} is a file; point it at a model directory (config.json, "
@@ -50,6 +50,7 @@ def load_tokenizer(base_model: str, revision: str | None = None) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as e:
+        _check_model_dir(path)
         raise ModelLoadError(_not_found(base_model, "tokenizer", e)) from None
     if tokenizer.pad_token_id is None:
         # Padding positions are always masked out of attention and loss, so reusing EOS is safe here;
@@ -74,6 +75,7 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": dtype, "revision": revision}
     if task == "seq_cls" and num_labels:
         kwargs["num_labels"] = num_labels
+    _check_model_dir(path)
     try:
         model = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:

@@ -523,9 +523,6 @@ def _train(config: RunConfig, device: torch.device, claim: RunDirClaim, progress
     torch.manual_seed(config.train.seed)  # the same initial adapter on every rank
     model, tokenizer = prepare_model(config, device, dtype, load_on=torch.device("cpu") if fsdp else device)
     claim.commit()  # config, data and model are valid: only now may --overwrite move the previous run aside
-    if is_main():
-        dump_yaml(config, run_dir / "config.yaml")  # resolved: data paths and num_labels filled in
-    barrier()
     fingerprint = _base_fingerprint(model, config)  # before FSDP2 turns NF4 codes into (sharded) parameters
     if is_main():
         print(parameter_report(model), file=sys.stderr)
@@ -535,6 +532,8 @@ def _train(config: RunConfig, device: torch.device, claim: RunDirClaim, progress
     loop = Loop(config, model, tokenizer, data, device, run_dir, progress, wrapped)
     if resume:
         loop.resume()
+    if is_main():  # once the checkpoint has loaded: a refused or failed resume leaves config.yaml as it was
+        dump_yaml(config, run_dir / "config.yaml")  # resolved: data paths and num_labels filled in
     run_loop(loop)
     adapter_dir = save_outputs(loop, fingerprint)
     summary = write_summary(loop, adapter_dir, device)
