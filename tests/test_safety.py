@@ -530,3 +530,52 @@ def test_8_empty_yaml_is_an_error_not_the_demo(capsys, tmp_path):
     (tmp_path / "empty.yaml").write_text("# nothing yet\n")
     code, msg = run_cli(capsys, "train", str(tmp_path / "empty.yaml"))
     assert code == 2 and "is empty" in msg and "`lorakit config`" in msg
+
+
+# --------------------------------------------------------------------------- the helpers themselves
+
+
+def test_replace_files_keeps_what_it_does_not_write(tmp_path):
+    from lorakit.errors import OutputError
+    from lorakit.runtime.outdir import check_output_dir, replace_files
+
+    out = tmp_path / "out"
+    with replace_files(out) as tmp:  # a new directory appears whole
+        (tmp / "a.json").write_text("1")
+    assert sorted(p.name for p in out.iterdir()) == ["a.json"]
+    (out / "mine.txt").write_text("mine")
+    with pytest.raises(OutputError, match="is not empty"):
+        check_output_dir(out, force=False)
+    with replace_files(out) as tmp:
+        (tmp / "a.json").write_text("2")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.json").write_text("3")
+    assert (out / "a.json").read_text() == "2" and (out / "sub" / "b.json").read_text() == "3"
+    assert (out / "mine.txt").read_text() == "mine"
+    (out / "c.json").mkdir()
+    with pytest.raises(OutputError, match="is a directory where this command writes a file"):
+        with replace_files(out) as tmp:
+            (tmp / "c.json").write_text("4")
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_write_errors_name_the_path_and_the_way_out(tmp_path):
+    import errno
+
+    from lorakit.runtime.outdir import describe_write_error
+
+    full = describe_write_error(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x")), tmp_path)
+    assert f"writing {tmp_path / 'x'} failed: the disk is full" in full and "free of" in full
+    (tmp_path / "f").write_text("")
+    blocked = describe_write_error(FileExistsError(errno.EEXIST, "File exists", str(tmp_path / "f" / "run")), tmp_path / "f" / "run")
+    assert f"{tmp_path / 'f'} is a file, not a directory" in blocked
+    read_only = describe_write_error(OSError(errno.EROFS, "Read-only file system", str(tmp_path / "r")), tmp_path)
+    assert "a read-only file system" in read_only and "mode drwx" in read_only
+    assert describe_write_error(RuntimeError("size mismatch"), tmp_path) is None
+
+
+def test_nproc_reports_a_refused_output_dir_once_before_launching(capsys, run, tmp_path):
+    before = snapshot(tmp_path)
+    code, msg = run_cli(capsys, "train", str(run[1]), "--nproc", "2")
+    assert code == 2 and msg.count("already holds a run") == 1
+    assert snapshot(tmp_path) == before

@@ -41,8 +41,11 @@ def _relaunch_train(args: argparse.Namespace) -> int:
     """`lorakit train --nproc N`: this same command on N local processes under torch.distributed.run."""
     from lorakit.config import load_run_config
     from lorakit.runtime.distributed import relaunch
+    from lorakit.runtime.rundir import precheck_run_dir
 
     config = load_run_config(args.config, args.set)  # report config problems once, before starting N processes
+    mode = "resume" if args.resume or args.resume_anyway else "overwrite" if args.overwrite else "new"
+    precheck_run_dir(config.output_dir, mode, args.config)  # and a refused output_dir
     child = ["train", *([args.config] if args.config else [])]
     for override in args.set:
         child += ["--set", override]

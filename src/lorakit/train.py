@@ -509,6 +509,7 @@ def train_lora(config: RunConfig | str | Path, overrides: list[str] | None = Non
 def _train(config: RunConfig, device: torch.device, claim: RunDirClaim, progress: bool, memory_check: bool,
            resume_anyway: bool = False) -> TrainResult:
     resume = claim.mode == "resume"
+    barrier()  # every rank has looked at output_dir (the claim) before rank 0 writes to it
     fsdp = config.train.parallel == "fsdp" and world_size() > 1
     if fsdp and config.train.optimizer != "adamw":
         raise TrainingError(f"train.optimizer: {config.train.optimizer} cannot update FSDP2-sharded parameters; "

@@ -255,3 +255,10 @@ def claim_run_dir(run_dir: str | Path, mode: Mode, source: str | Path | None = N
     """`with claim_run_dir(dir, mode) as claim: ...validate...; claim.commit(); ...train...`"""
     with RunDirClaim(run_dir, mode, source, main) as claim:
         yield claim
+
+
+def precheck_run_dir(run_dir: str | Path, mode: Mode, source: str | Path | None = None) -> None:
+    """What entering the claim would refuse (a previous run, a held lock), checked and released at once:
+    for a launcher (`--nproc N`) to report it once instead of from N processes."""
+    with claim_run_dir(run_dir, mode, source):
+        pass
