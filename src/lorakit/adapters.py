@@ -52,6 +52,7 @@ from lorakit.lora import (
 )
 from lorakit.quant.linear import NF4Linear
 from lorakit.runtime.atomic import atomic_directory
+from lorakit.runtime.outdir import check_output_dir, output_errors, replace_files
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -237,12 +238,27 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{path} is not valid JSON ({e}); the file is corrupt -- re-save the adapter") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path} must hold a JSON object (PEFT's LoraConfig), got {type(config).__name__}; re-save the adapter")
+    bad = [f"{key}={config[key]!r}" for key, ok in (("r", _positive_int), ("lora_alpha", _positive_number))
+           if key in config and not ok(config[key])]
+    if bad:
+        raise AdapterError(f"{path}: {', '.join(bad)} is not valid (r must be an integer >= 1, lora_alpha a number > 0); "
+                           "the file is corrupt or hand-edited -- re-save the adapter")
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; lorakit loads LORA adapters")
     unsupported = {k: config[k] for k in ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform") if config.get(k)}
     if unsupported:
         raise AdapterError(f"{path}: options {unsupported} are not supported by lorakit yet; merge them with PEFT instead")
     return config
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _positive_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
 
 
 def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
@@ -440,8 +456,8 @@ def _check_fingerprint(model: nn.Module, adapter_dir: Path) -> None:
         raise AdapterError(
             f"adapter {adapter_dir} was trained for base {saved.get('name')!r} (revision {saved.get('revision')}, "
             f"fingerprint {saved['hash']}), but this model is {here['name']!r} (fingerprint {here['hash']}): "
-            "a different base model or revision. Load the matching base, or call load_lora_adapter(..., "
-            "check_base=False) if you know they are compatible."
+            "a different base model or revision. Load the matching base (--base); from Python, "
+            "load_lora_adapter(..., check_base=False) skips this check if you know they are compatible."
         )
 
 
@@ -482,10 +498,14 @@ def _copy_weights(model: nn.Module, lora: dict, full: dict, saved: list[str], ad
 # --------------------------------------------------------------------------- merge, list, check
 
 
-def export_merged(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> Path:
-    """Merge the active adapter into the base and save a standard transformers model (safetensors)."""
+def export_merged(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, force: bool = False) -> Path:
+    """Merge the active adapter into the base and save a standard transformers model (safetensors).
+
+    A non-empty `out_dir` is refused unless `force`; then only the files written here are replaced (each
+    atomically) and anything else in `out_dir` stays (lorakit.runtime.outdir)."""
+    check_output_dir(out_dir, force)
     merged = merge_lora_weights(model, remove_wrappers=True)
-    with atomic_directory(out_dir) as tmp:
+    with output_errors(out_dir, "--out"), replace_files(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -521,6 +541,19 @@ def list_adapters(root: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _rank_problems(config: dict[str, Any], lora: dict[str, dict[str, torch.Tensor]], adapter_dir: Path) -> list[str]:
+    """adapter_config.json's r must be the rank of every lora_A (r, in) and lora_B (out, r): engines size
+    their buffers from r, and PEFT fails to load the tensors otherwise."""
+    r = config.get("r", 8)
+    wrong = sorted(f"{m} (lora_A {tuple(p['A'].shape)}, lora_B {tuple(p['B'].shape)})" for m, p in lora.items()
+                   if p["A"].dim() != 2 or p["B"].dim() != 2 or p["A"].shape[0] != r or p["B"].shape[1] != r)
+    if not wrong:
+        return []
+    return [f"{adapter_dir / CONFIG_FILE} says r={r}, but {len(wrong)} module(s) have tensors of another rank: "
+            f"{', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}; {CONFIG_FILE} and {WEIGHTS_FILE} do not "
+            "belong together -- re-save the adapter"]
+
+
 def check_adapter(adapter_dir: str | Path, target: str = "vllm") -> list[str]:
     """What a serving engine would reject or warn about; an empty list means it should load."""
     if target != "vllm":
@@ -530,8 +563,10 @@ def check_adapter(adapter_dir: str | Path, target: str = "vllm") -> list[str]:
     try:
         config = read_adapter_config(adapter_dir)
         tensors = read_adapter_tensors(adapter_dir)
+        lora, _ = split_adapter_keys(tensors, adapter_dir)
     except AdapterError as e:
         return [str(e)]
+    problems += _rank_problems(config, lora, adapter_dir)
     if target == "vllm":
         r = int(config.get("r", 0))
         fits = [m for m in VLLM_MAX_RANKS if m >= r]

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.config import TARGET_PRESETS, LoraConfig
+from lorakit.errors import ConfigError
 from lorakit.heads import (
     SavedModule,
     base_name,
@@ -467,7 +468,7 @@ def _suffix_hint(names: list[str]) -> str:
 
 def find_target_modules(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     """Resolve a preset, a list of suffixes or a regex into full module names (heads excluded
-    unless named explicitly in a list). Raises ValueError naming what matched nothing."""
+    unless named explicitly in a list). Raises ConfigError (a ValueError) naming what matched nothing."""
     names = linear_module_names(model)
     if targets == "all-linear":
         found = [n for n in names if not _is_head(n, model)]
@@ -478,13 +479,13 @@ def find_target_modules(model: nn.Module, targets: str | Sequence[str]) -> list[
     else:
         missing = [t for t in targets if not any(_suffix_match(n, t) for n in names)]
         if missing and len(missing) < len(targets):
-            raise ValueError(
+            raise ConfigError(
                 f"lora.target_modules entries {missing} matched no layer (the others did); "
                 f"linear layers here end with: {_suffix_hint(names)}"
             )
         found = [n for n in names if any(_suffix_match(n, t) for t in targets)]
     if not found:
-        raise ValueError(
+        raise ConfigError(
             f"lora.target_modules {targets!r} matched no module; linear layers here end with: "
             f"{_suffix_hint(names)}. Use one of those, a preset ({', '.join(TARGET_PRESETS)}), or a regex."
         )
@@ -513,7 +514,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     """
     problems = config.problems()
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ConfigError(problems)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; adapters here: {list(adapter_configs(model))}")
     save_names = resolve_modules_to_save(model, config.modules_to_save)
@@ -580,7 +581,7 @@ def _find_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
         hits = [n for n in module_names if _suffix_match(n, wanted)]
         if not hits:
             heads = [n for n in module_names if n.rsplit(".", 1)[-1] in OUTPUT_HEADS]
-            raise ValueError(f"lora.modules_to_save entry {wanted!r} matched no module; heads here: {heads}")
+            raise ConfigError(f"lora.modules_to_save entry {wanted!r} matched no module; heads here: {heads}")
         found += [n for n in hits if n not in found]
     return found
 

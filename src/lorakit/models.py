@@ -27,6 +27,19 @@ log = logging.getLogger(__name__)
 
 
 
+def _check_model_dir(base_model: str) -> None:
+    """A local path must be a model directory: say so before transformers blames the tokenizer or sentencepiece
+    (a tokenizer alone loads without config.json, so load_tokenizer asks only once it has failed)."""
+    path = Path(base_model)
+    if path.is_file():
+        raise ModelLoadError(f"base_model {base_model!r} is a file; point it at a model directory (config.json, "
+                             "*.safetensors, tokenizer files) or a hub id")
+    if path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(p.name for p in path.iterdir())[:8]
+        raise ModelLoadError(f"base_model {base_model!r} has no config.json (found: {found or 'nothing'}); point it "
+                             "at a transformers model directory (config.json, *.safetensors, tokenizer files)")
+
+
 def load_tokenizer(base_model: str, revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
@@ -34,6 +47,7 @@ def load_tokenizer(base_model: str, revision: str | None = None) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as e:
+        _check_model_dir(path)
         raise ModelLoadError(_not_found(base_model, "tokenizer", e)) from None
     if tokenizer.pad_token_id is None:
         # Padding positions are always masked out of attention and loss, so reusing EOS is safe here;
@@ -58,6 +72,7 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": dtype, "revision": revision}
     if task == "seq_cls" and num_labels:
         kwargs["num_labels"] = num_labels
+    _check_model_dir(path)
     try:
         model = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:

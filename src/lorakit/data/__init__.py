@@ -26,8 +26,10 @@ from lorakit.data.formats import DataError, Record, load_records, read_rows
 from lorakit.data.split import dedup, hash_split, leakage
 from lorakit.data.templates import (
     BUILTIN_TEMPLATES,
+    CHARS_PER_TOKEN,
     IGNORE,
     Example,
+    clip_record,
     encode_classification,
     encode_record,
     resolve_template,
@@ -153,16 +155,21 @@ def check_num_labels(data: PreparedData, num_labels: int, where: str, fix: str) 
 
 def _encode(records: list[Record], tokenizer: Any, template: str | None, config: Any, label_names: list[str] | None,
             stats: dict[str, Any], side: str) -> list[Example]:
-    """Tokenize, truncate (or drop) at max_seq_len, and drop examples left without supervision."""
-    out, truncated, lost, dropped_long, unsupervised = [], 0, 0, 0, []
+    """Tokenize, truncate (or drop) at max_seq_len, and drop examples left without supervision.
+
+    Text beyond max_seq_len × CHARS_PER_TOKEN characters is cut before tokenizing (bounded memory); such a
+    row counts as truncated, and its tokens_lost_to_truncation only up to the cut."""
+    out, truncated, lost, dropped_long, unsupervised, cut_rows = [], 0, 0, 0, [], 0
     for r in records:
+        r, cut = clip_record(r, config.max_seq_len * CHARS_PER_TOKEN)
+        cut_rows += cut
         ex = encode_record(r, tokenizer, template, config.train_on)
-        if len(ex) > config.max_seq_len:
+        if cut or len(ex) > config.max_seq_len:
             if config.truncation == "drop":
                 dropped_long += 1
                 continue
             truncated += 1
-            lost += len(ex) - config.max_seq_len
+            lost += max(0, len(ex) - config.max_seq_len)
             ex = _truncate(ex, r, tokenizer, config.max_seq_len)
         if label_names is not None:
             ex.labels = label_names.index(ex.labels)
@@ -172,7 +179,7 @@ def _encode(records: list[Record], tokenizer: Any, template: str | None, config:
         out.append(ex)
     stats[side] = {"examples": len(out), "truncated": truncated, "tokens_lost_to_truncation": lost,
                    "dropped_too_long": dropped_long, "dropped_no_supervised_tokens": len(unsupervised),
-                   "dropped_examples": unsupervised[:3]}
+                   "dropped_examples": unsupervised[:3], "cut_before_tokenizing": cut_rows}
     if unsupervised:
         log.warning("%s: dropped %d examples with no supervised token after truncation (e.g. %s)",
                     side, len(unsupervised), ", ".join(unsupervised[:3]))

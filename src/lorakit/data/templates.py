@@ -22,6 +22,7 @@ the EOS stays supervised when pad == eos.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,10 @@ from lorakit.data.formats import DataError, Record
 
 log = logging.getLogger(__name__)
 IGNORE = -100
+# Characters kept per token of max_seq_len before tokenizing. A token covers at least part of one character,
+# so the first max_seq_len tokens lie far inside this budget (~4 characters per token in English); a 5 MB
+# row is then never tokenized whole (offset mappings of millions of tokens: gigabytes).
+CHARS_PER_TOKEN = 32
 
 BUILTIN_TEMPLATES: dict[str, str] = {
     "chatml": (
@@ -153,6 +158,28 @@ def _learned(text: str, s: int, e: int, a: int, b: int) -> bool:
     leading space, while SentencePiece's '▁Hello' starts on the prompt's space and is the reply's first word."""
     lo, hi = max(s, a), min(e, b)
     return lo < hi and ((a <= s and e <= b) or not text[lo:hi].isspace())
+
+
+def clip_record(record: Record, max_chars: int) -> tuple[Record, bool]:
+    """`record` with its text cut to `max_chars` characters in reading order, and whether anything was cut.
+
+    What is cut lies beyond max_seq_len tokens and would be truncated anyway; the message list keeps its
+    shape (later turns become empty), so the chat template renders it as before.
+    NOTE: a tokenizer whose tokens average more than CHARS_PER_TOKEN characters could lose text it would
+    have kept."""
+    if record.format == "chat":
+        left, messages, cut = max_chars, [], False
+        for m in record.messages:
+            content = m.get("content")
+            if isinstance(content, str) and len(content) > left:
+                m, cut = {**m, "content": content[:left]}, True
+            left = max(0, left - len(m.get("content") or ""))
+            messages.append(m)
+        return (dataclasses.replace(record, messages=messages), True) if cut else (record, False)
+    if len(record.prompt) + len(record.response) <= max_chars:
+        return record, False
+    prompt = record.prompt[:max_chars]
+    return dataclasses.replace(record, prompt=prompt, response=record.response[:max_chars - len(prompt)]), True
 
 
 def encode_record(record: Record, tokenizer: Any, template: str | None, train_on: str = "assistant") -> Example:

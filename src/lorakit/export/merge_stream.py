@@ -42,7 +42,7 @@ from lorakit.quant.safetensors_io import (
     read_tensor,
 )
 from lorakit.quant.stream import checkpoint_dir, empty_model
-from lorakit.runtime.atomic import atomic_directory
+from lorakit.runtime.outdir import check_output_dir, output_errors, replace_files
 
 EXTRA_SHARD = "model-lorakit-trained.safetensors"  # modules trained in full that the base does not have
 
@@ -55,12 +55,15 @@ def merge_adapter_streaming(
     quant_config: QuantConfig | None = None,
     task: Literal["causal_lm", "seq_cls"] = "causal_lm",
     revision: str | None = None,
+    force: bool = False,
 ) -> Path:
     """Write base + adapter as a transformers checkpoint in `out_dir` (atomically) and return it.
 
     base_dir: a local safetensors checkpoint or a hub id. base="nf4" merges into the dequantized 4-bit
     weights (`quant_config`, default QuantConfig(), must be the one used in training) -- what the
-    QLoRA-trained model computed with; "full" into the full-precision weights."""
+    QLoRA-trained model computed with; "full" into the full-precision weights. A non-empty `out_dir` is
+    refused unless `force`; then only the files written here are replaced (lorakit.runtime.outdir)."""
+    check_output_dir(out_dir, force)
     base_path = checkpoint_dir(base_dir, revision)
     checkpoint = CheckpointFiles.open(base_path)
     updates = _adapter_updates(Path(adapter_dir))
@@ -73,7 +76,7 @@ def merge_adapter_streaming(
             f"adapter {adapter_dir} adapts {unknown[:5]}, which {base_path} has no '.weight' tensor for: "
             "the adapter was trained for another base model"
         )
-    with atomic_directory(out_dir) as tmp:
+    with output_errors(out_dir, "--out"), replace_files(out_dir) as tmp:
         _copy_side_files(base_path, tmp)
         for file in dict.fromkeys(info.file for info in checkpoint.tensors.values()):
             _write_shard(file, tmp / file.name, updates, full, (quantized, conv1d), quant_config or QuantConfig())
