@@ -57,7 +57,8 @@ def load_table(run: dict) -> list[str]:
     config, out = run["config"], []
     nf4, other = footprint(config)
     goal = goal_peak(config)
-    ours = rows(run, kind="load", stack="lorakit") or rows(run, kind="step", stack="lorakit-qlora")
+    ours = rows(run, kind="load", stack="lorakit") or [r for r in rows(run, kind="step", stack="lorakit-qlora")
+                                                       if r.get("load_peak_rss")]
     peak = max((r.get("peak_rss") if r["kind"] == "load" else r["load_peak_rss"]) for r in ours) if ours else None
     load_s = median_of([r["load_s"] for r in ours])
     out += ["| | peak RSS | goal | | load time | load avg |", "| --- | --- | --- | --- | --- | --- |"]
@@ -147,7 +148,8 @@ def eight_b_lines(run: dict) -> list[str]:
     rs = rows(run, kind="step", stack="lorakit-qlora")
     errors = [r for r in run["results"] if "error" in r]
     if not rs:
-        return [f"- 8B QLoRA run did not complete: {errors[0]['error'][-300:] if errors else 'no result'}"]
+        why = errors[0]["error"][-300:] if errors else run.get("note", "no result")
+        return [f"- 8B QLoRA steps at 1 × 256 with checkpointing: not completed ({why})"]
     r = rs[0]
     return [f"- {len(r['step_times'])} timed step(s) after 1 warmup at 1 × 256, checkpointing on: "
             f"{' / '.join(f'{t:.0f}' for t in r['step_times'])} s per step, training peak RSS {gib(r['peak_rss'])} "
@@ -169,7 +171,10 @@ def render(title: str, runs: list[dict], notes: str = "") -> str:
             lines += eight_b_lines(run) + [""]
             continue
         lines += ["**Batch-1 training steps (LoRA r=16 on all linear layers, AdamW, gradient checkpointing)**", ""]
-        lines += step_table(run) + [""] + step_goals(run) + [""]
+        if rows(run, kind="step"):
+            lines += step_table(run) + [""] + step_goals(run) + [""]
+        else:
+            lines += ["Not measured: " + run.get("note", "no step results") + "", ""]
         lines += ["**One 2048 → 5632 layer (the NF4 matmul paths, fp32)**", ""] + micro_table(run) + [""]
         lines += ["**Merge**", ""] + merge_lines(run) + [""]
     if notes:

@@ -17,7 +17,8 @@ Peak memory of the load (`streamed_load_peak_bytes`, for the advisor):
 The target weights are read, one at a time, into a single reused buffer (max_targets n·b_ckpt) and
 quantized 2M weights at a time (QUANT_CHUNK: ~20 bytes per weight of temporaries); other tensors are
 read into the memory they keep. Measured (bench/bench_big.py, VmHWM, imports ~0.24 GiB included):
-0.97B Llama 1.20 GiB for 0.71 GiB of weights (transformers + bitsandbytes: 3.66 GiB).
+0.97B Llama 1.20 GiB for 0.71 GiB of weights (transformers + bitsandbytes: 3.66 GiB); Llama-3-8B shape
+5.95 GiB for 5.31 GiB (the formula: 5.70 GiB with 0.24 GiB of imports).
 
 Storage dtypes of what is not quantized (`storage_dtype=None`):
 - input embeddings and the output head (2-D, vocabulary-sized: the bulk of what is not quantized)
