@@ -1,4 +1,4 @@
-"""Load test of `lorakit serve` on loopback: base + 4 adapters mixed, versus one merged model.
+"""Load test of `lorakit serve` on loopback: mixed adapters, 8 adapters, one unmerged adapter, versus one merged model.
 
     python bench/bench_serve.py --requests 200 --concurrency 16 --sizes 1024x4,512x6 --threads 1 --repeats 3 --results bench/RESULTS.md
 
@@ -10,13 +10,15 @@ What it does, all offline:
    `openai` async client, `--concurrency` requests in flight, completions and chat mixed:
      merged  every request to one merged model (no LoRA at all): the reference throughput
      mixed   requests spread over base, a1..a4: one forward carries rows of several adapters
+     mixed8  requests spread over a1..a8 (8 adapters of ranks 4-64 loaded): 8 distinct adapters per forward
+     single  every request to a1, the only adapter loaded, unmerged
      hot     as mixed, while a side task loads "hot", sends it requests, and unloads it while those
              requests are still running -- in cycles, for the whole run
    Every request asks for exactly --max-tokens tokens (`ignore_eos`, a vLLM extension), so the cases
-   generate the same work. Merged and mixed alternate `--repeats` times (the median is reported), so
-   a noisy neighbour on the machine hurts both alike.
+   generate the same work. The `--cases` alternate `--repeats` times (the median is reported), so a
+   noisy neighbour on the machine hurts them alike; the 1-minute load average is recorded with each run.
 3. Reports errors, p50/p95 latency, requests/s, generated tokens/s, the mean rows per forward and the
-   most adapters seen in one forward (from /health), and mixed ÷ merged throughput; `--results`
+   most adapters seen in one forward (from /health), and each case's throughput ÷ merged; `--results`
    writes them into the "## Server" section of a markdown file (other sections are kept).
 """
 
@@ -40,7 +42,10 @@ from pathlib import Path
 import torch
 
 ADAPTERS = {"a1": (8, "attention"), "a2": (16, "all-linear"), "a3": (32, ["q_proj", "v_proj"]), "a4": (64, "all-linear"),
-            "hot": (16, "attention")}
+            "hot": (16, "attention"),
+            # for the 8-adapter case (a1..a8 in every batch): more ranks and target sets
+            "a5": (4, "all-linear"), "a6": (12, ["q_proj", "k_proj", "v_proj"]), "a7": (24, ["gate_proj", "up_proj", "down_proj"]),
+            "a8": (48, "attention")}
 
 
 # --------------------------------------------------------------------------- models on disk
@@ -139,6 +144,7 @@ class Result:
     hot_cycles: int = 0
     hot_requests: int = 0
     stats: dict = field(default_factory=dict)
+    load: float = 0.0  # 1-minute load average when the run started
 
     def row(self) -> dict:
         lat = sorted(self.latencies)
@@ -146,7 +152,7 @@ class Result:
                 "p50_s": percentile(lat, 50), "p95_s": percentile(lat, 95), "req_per_s": len(lat) / self.wall,
                 "tok_per_s": self.tokens / self.wall, "wall_s": self.wall,
                 "rows_per_forward": self.stats.get("rows_forwarded", 0) / max(self.stats.get("forwards", 1), 1),
-                "max_adapters_per_forward": self.stats.get("max_adapters_per_forward", 0)}
+                "max_adapters_per_forward": self.stats.get("max_adapters_per_forward", 0), "load": self.load}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -225,7 +231,7 @@ async def drive(url: str, case: str, models: list[str], args: argparse.Namespace
     import httpx
     from openai import AsyncOpenAI
 
-    result, sem, done = Result(case), asyncio.Semaphore(args.concurrency), asyncio.Event()
+    result, sem, done = Result(case, load=os.getloadavg()[0]), asyncio.Semaphore(args.concurrency), asyncio.Event()
     limits = httpx.Limits(max_connections=args.concurrency + 8)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
         client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600,
@@ -246,18 +252,25 @@ async def drive(url: str, case: str, models: list[str], args: argparse.Namespace
     return result
 
 
+# case -> (adapters loaded at start, the models requests go to in turn; "base" = the base model)
+CASES = {"merged": ([], ["base"]), "mixed": (["a1", "a2", "a3", "a4"], ["base", "a1", "a2", "a3", "a4"]),
+         "mixed8": ([f"a{i}" for i in range(1, 9)], [f"a{i}" for i in range(1, 9)]), "single": (["a1"], ["a1"]),
+         "hot": (["a1", "a2", "a3", "a4"], ["base", "a1", "a2", "a3", "a4"])}
+
+
 def run_case(world: dict, case: str, args: argparse.Namespace, workdir: Path) -> Result:
-    adapters = {} if case == "merged" else {n: world["root"] / n for n in ("a1", "a2", "a3", "a4")}
+    loaded, targets = CASES[case]
     base = world["merged"] if case == "merged" else world["base"]
-    proc, url = start_server(base, adapters, world["root"], args, workdir / f"server-{case}.log")
+    proc, url = start_server(base, {n: world["root"] / n for n in loaded}, world["root"], args,
+                             workdir / f"server-{case}.log")
     try:
-        models = [base] if case == "merged" else [world["base"], "a1", "a2", "a3", "a4"]
+        models = [base if m == "base" else m for m in targets]
         asyncio.run(drive(url, case, models, args, world["prompts"], requests=args.concurrency))  # warm-up
         result = asyncio.run(drive(url, case, models, args, world["prompts"], args.requests, hot=case == "hot"))
     finally:
         stop_server(proc)
     row = result.row()
-    print(f"{case:7s} errors={row['errors']} p50={row['p50_s']:.2f}s p95={row['p95_s']:.2f}s "
+    print(f"{case:7s} load={row['load']:.1f} errors={row['errors']} p50={row['p50_s']:.2f}s p95={row['p95_s']:.2f}s "
           f"{row['req_per_s']:.2f} req/s {row['tok_per_s']:.0f} tok/s rows/forward={row['rows_per_forward']:.1f} "
           f"max adapters/forward={row['max_adapters_per_forward']}" +
           (f" hot cycles={result.hot_cycles} hot requests={result.hot_requests}" if case == "hot" else ""), flush=True)
@@ -285,36 +298,38 @@ def markdown(sizes: list[tuple[str, dict[str, dict], Result]], args: argparse.Na
         "greedy, 3 in 4 completions and 1 in 4 chat).", "",
         f"Command: `{command}`", "",
         f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-        f"fp32, {threads}; load average (1/5/15 min) when it started: {load}. Models: random Llamas "
-        "(vocab 512); adapters a1..a4 of ranks 8/16/32/64 on attention / all-linear / q,v / all-linear; "
-        f"server --max-batch {args.max_batch}. Merged and mixed alternate {args.repeats}× per model; "
+        f"fp32, {threads}; load average (1/5/15 min) when it started: {load}, and the 1-minute load when each run "
+        "started in the table. Models: random Llamas (vocab 512); adapters a1..a8 of ranks 8/16/32/64/4/12/24/48 on "
+        "attention / all-linear / q,v / all-linear / all-linear / q,k,v / MLP / attention; "
+        f"server --max-batch {args.max_batch}. {', '.join(args.cases)} alternate {args.repeats}× per model; "
         "the median run (by tokens/s) is shown.", "",
-        "| model | case | requests | errors | p50 latency | p95 latency | requests/s | tokens/s | rows per forward "
-        "| most adapters in one forward | mixed ÷ merged |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | case | load | requests | errors | p50 latency | p95 latency | requests/s | tokens/s | rows per forward "
+        "| most adapters in one forward | ÷ merged |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for label, rows, _ in sizes:
-        ratio = rows["mixed"]["tok_per_s"] / rows["merged"]["tok_per_s"]
-        for case in ("merged", "mixed", "hot"):
-            r = rows[case]
-            lines.append(f"| {label} | {case} | {r['requests']} | {r['errors']} | {r['p50_s']:.2f} s | {r['p95_s']:.2f} s | "
-                         f"{r['req_per_s']:.2f} | {r['tok_per_s']:.0f} | {r['rows_per_forward']:.1f} | "
-                         f"{r['max_adapters_per_forward']} | {f'**{ratio:.2f}×**' if case == 'mixed' else ''} |")
+        for case, r in rows.items():
+            ratio = f"**{r['tok_per_s'] / rows['merged']['tok_per_s']:.2f}×**" if case != "merged" else ""
+            lines.append(f"| {label} | {case} | {r['load']:.1f} | {r['requests']} | {r['errors']} | {r['p50_s']:.2f} s | "
+                         f"{r['p95_s']:.2f} s | {r['req_per_s']:.2f} | {r['tok_per_s']:.0f} | {r['rows_per_forward']:.1f} | "
+                         f"{r['max_adapters_per_forward']} | {ratio} |")
     hot = sizes[0][2]
     lines += [
         "",
         "- **merged**: adapter a1 merged into the base, every request to that one model (no LoRA in the forward).",
         "- **mixed**: base + a1..a4 in turn; rows of different adapters share each forward (per-row adapters, "
         "no swapping, no merging).",
+        "- **mixed8**: a1..a8 in turn (8 adapters loaded), so every forward carries 8 distinct adapters.",
+        "- **single**: every request to a1, the only adapter loaded, unmerged (the fused single-adapter path).",
         f"- **hot**: as mixed, plus {hot.hot_cycles} cycles of load \"hot\" → 4 streamed requests to it (beyond the "
         f"{args.concurrency} in flight) → unload as soon as all 4 are running → they finish "
         f"({hot.hot_requests} extra requests, counted in the row); zero errors means neither the loads nor the "
         "unloads disturbed a request.",
-        "- mixed ÷ merged is the throughput of mixed-adapter batches relative to the merged model (goal ≥ 0.7×). "
-        "Where the gap comes from: in every layer it targets, each adapter present in a forward adds two small "
-        "matmuls and a gather/scatter of its rows (`LoraLinear._forward_rows`); on CPU their fixed per-op cost, not "
-        "their FLOPs, dominates, so the ratio rises with model width. The load is noisy here (other jobs share "
-        "the 2 cores): compare runs only within one table.", "",
+        "- ÷ merged is the case's throughput relative to the merged model. Mixed rows run grouped "
+        "(`lorakit.lora`, module docstring): per adapted layer one gather, two batched matmuls over the adapters' "
+        "rank pieces and one scatter, whatever the mix; what remains is mostly the low-rank FLOPs themselves "
+        "(with rank padding) against the base's. The load is noisy here (other jobs share the cores): compare "
+        "runs only within one table.", "",
     ]
     return "\n".join(lines)
 
@@ -327,10 +342,16 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--sizes", default="1024x4", help="model sizes HIDDENxLAYERS, comma-separated")
     parser.add_argument("--threads", type=int, default=0, help="OMP threads per server (0 = torch's default)")
-    parser.add_argument("--repeats", type=int, default=1, help="alternating merged/mixed runs (median reported)")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating runs of the cases (median reported)")
+    parser.add_argument("--cases", default="merged,mixed,mixed8,single",
+                        help="cases run alternately, merged first (hot runs once at the end)")
     parser.add_argument("--results", type=Path, help="markdown file whose '## Server' section to write")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
+    args.cases = ["merged"] + [c for c in args.cases.split(",") if c != "merged"]
+    unknown = sorted(set(args.cases) - set(CASES) | ({"hot"} & set(args.cases)))
+    if unknown:
+        parser.error(f"--cases {unknown}: choose from {sorted(set(CASES) - {'hot'})}")
     command = "python bench/bench_serve.py " + shlex.join(sys.argv[1:])
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     sizes = []
@@ -340,12 +361,12 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="lorakit-bench-serve-") as tmp:
             workdir = Path(tmp)
             world = build_world(workdir, hidden, layers)
-            runs: dict[str, list[Result]] = {"merged": [], "mixed": []}
+            runs: dict[str, list[Result]] = {case: [] for case in args.cases}
             for _ in range(args.repeats):
-                for case in ("merged", "mixed"):
+                for case in args.cases:
                     runs[case].append(run_case(world, case, args, workdir))
             hot = run_case(world, "hot", args, workdir)
-        rows = {"merged": median_row(runs["merged"]), "mixed": median_row(runs["mixed"]), "hot": hot.row()}
+        rows = {**{case: median_row(r) for case, r in runs.items()}, "hot": hot.row()}
         sizes.append((f"h{hidden}×{layers}", rows, hot))
     section = markdown(sizes, args, command, load)
     print("\n" + section)

@@ -20,7 +20,7 @@ import torch
 
 from lorakit import demo
 from lorakit.config import LoraConfig, dump_yaml, load_run_config
-from lorakit.evaluate import exact_match, json_valid, schema_valid
+from lorakit.eval import exact_match, json_valid, schema_valid
 from lorakit.generate import GenerationConfig, generate, render_chat_prompt
 from lorakit.lora import adapters_disabled, inject_lora
 

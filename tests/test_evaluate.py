@@ -12,15 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import VOCAB, build_tiny
-from lorakit.demo import DEMO_SCHEMA, demo_canary, demo_eval_settings
-from lorakit.evaluate import (
+from lorakit.demo import DEMO_SCHEMA, demo_canary, demo_eval_settings, resolve_demo
+from lorakit.eval import (
     EvalReport,
     EvalSettings,
     accuracy,
     canary_check,
     check_thresholds,
     compare,
-    default_settings,
     eval_classifier,
     eval_loss,
     exact_match,
@@ -133,13 +132,16 @@ def lm_batch(seed: int, rows: int, length: int, pad_to: int) -> dict[str, torch.
 
 
 def oracle_loss(model, batches) -> float:
-    """Mean CE over every supervised token of every batch, in float64."""
+    """Mean CE over every supervised token of every batch, in float64.
+
+    use_cache=False as in training: transformers separates packed documents by their position_ids only
+    without a cache (with one, a row of two documents attends across the boundary)."""
     model = copy.deepcopy(model).double().eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for b in batches:
             inputs = {k: v for k, v in b.items() if k != "labels"}
-            logp = model(**inputs).logits.log_softmax(-1)[:, :-1]
+            logp = model(**inputs, use_cache=False).logits.log_softmax(-1)[:, :-1]
             target = b["labels"][:, 1:]
             keep = target != -100
             total -= logp.gather(-1, target.clamp(min=0)[..., None])[..., 0][keep].sum().item()
@@ -306,7 +308,7 @@ def test_evaluate_run_end_to_end(tmp_path):
     """Load the base as trained (NF4), attach the saved adapter, eval the run's data, write eval.*."""
     from lorakit.adapters import save_lora_adapter
     from lorakit.config import DataConfig, RunConfig, TrainConfig
-    from lorakit.evaluate import evaluate_run
+    from lorakit.eval import evaluate_run
 
     run = trained_demo()
     adapter = save_lora_adapter(run.model, tmp_path / "adapter", chat_template=run.tokenizer.chat_template)
@@ -314,8 +316,9 @@ def test_evaluate_run_end_to_end(tmp_path):
                        data=DataConfig(train=str(run.setup.paths["train"]), eval=str(run.setup.paths["eval"]),
                                        max_seq_len=256, packing=False),
                        train=TrainConfig(micro_batch_size=16, dtype="float32", device="cpu"), output_dir=str(tmp_path))
-    settings = demo_eval_settings()  # what default_settings picks for the demo data
-    assert type(settings) is type(default_settings(config)) and default_settings(config).label_key == "sentiment"
+    resolved = resolve_demo(copy.deepcopy(config))  # the entry point's step: eval at defaults on demo data
+    settings = demo_eval_settings()
+    assert resolved.eval.label_key == "sentiment" and resolved.eval.schema == settings.schema
     settings.max_prompts, settings.generation.max_new_tokens = 32, 16
     report = evaluate_run(config, adapter, tmp_path / "eval", settings=settings, progress=False)
     assert report.tuned["exact_match"] >= 0.75 and report.base["exact_match"] <= 0.05

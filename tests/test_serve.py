@@ -1,4 +1,4 @@
-"""serve.py through the official `openai` client: parity with in-process generation, mixed-adapter
+"""lorakit.serve through the official `openai` client: parity with in-process generation, mixed-adapter
 batches, streaming, hot load/unload, path confinement, limits and errors in OpenAI's shape.
 
 One tiny Llama base (saved to a temp dir) and adapters of ranks 2, 4, 6 and 8 with random B factors, so
@@ -275,13 +275,13 @@ def test_context_window_is_checked_or_filled():
 
 
 def test_a_failing_request_does_not_take_the_server_down(client, server, monkeypatch):
-    import lorakit.serve
+    import lorakit.serve.engine
 
     def broken_sampler(*args, **kwargs):
         monkeypatch.undo()
         raise RuntimeError("simulated sampler bug")
 
-    monkeypatch.setattr(lorakit.serve, "next_tokens_per_row", broken_sampler)
+    monkeypatch.setattr(lorakit.serve.engine, "next_tokens_per_row", broken_sampler)
     with pytest.raises(openai.InternalServerError, match="simulated sampler bug"):
         client.completions.create(model="gamma", prompt="the cat", max_tokens=4)
     assert server[1].engine._thread.is_alive()
@@ -442,3 +442,14 @@ def test_next_tokens_per_row_uses_each_rows_settings():
     assert chosen[0] == logits[0].argmax()
     assert chosen[1] != logits[1].argmax()  # the penalty pushed the seen token down
     assert chosen[2] == next_tokens(logits[2:3], configs[2], torch.Generator().manual_seed(1))[0]
+
+
+def test_next_tokens_per_row_samples_rows_with_the_same_settings_together():
+    """Unseeded rows sharing temperature/top_k/top_p are sampled in one call, each within its own top-k."""
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(4))
+    configs = [GenerationConfig(temperature=0.7, top_k=2)] * 6 + [GenerationConfig(temperature=1.0, top_k=1)] * 2
+    for _ in range(5):
+        chosen = next_tokens_per_row(logits, configs, [None] * 8, [None] * 8)
+        top2 = logits.topk(2, dim=-1).indices
+        assert all(chosen[i] in top2[i] for i in range(6))
+        assert torch.equal(chosen[6:], logits[6:].argmax(-1))  # top_k=1 leaves each row its own best token

@@ -193,7 +193,7 @@ def test_crash_mid_checkpoint_keeps_previous(base_dir, tmp_path, monkeypatch):
 
 
 def test_nan_guard_stops_with_advice_and_keeps_checkpoint(base_dir, tmp_path, monkeypatch):
-    import lorakit.train as train_mod
+    import lorakit.train.loop as train_mod
 
     config = make_config(base_dir, tmp_path, "train.save_every=2")
     calls = {"n": 0}

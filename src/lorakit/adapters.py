@@ -4,9 +4,11 @@
       adapter_config.json          PEFT's LoraConfig fields (peft_type, r, lora_alpha, target_modules, ...)
       adapter_model.safetensors    base_model.model.<module>.lora_A.weight (r, in) / .lora_B.weight (out, r)
                                    and base_model.model.<module>.<param> for modules trained in full
+                                   (a classifier's head: base_model.model.score.weight, as PEFT writes it)
       lorakit.json                 base-model fingerprint, lorakit version, creation time, data hash,
-                                   hyperparameters, metrics (a separate file so PEFT's config parser
-                                   never sees keys it does not know)
+                                   hyperparameters, metrics, and for a classifier its num_labels and
+                                   id2label (a separate file so PEFT's config parser never sees keys it
+                                   does not know)
       chat_template.jinja          the template used in training, when there was one
 
 PEFT, vLLM and lorakit all read the first two files. Saving is atomic (temp dir + rename).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.metadata
 import json
 from pathlib import Path
 from typing import Any
@@ -27,17 +30,27 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError
+from lorakit.heads import (
+    SEQ_CLS_HEAD_NAMES,
+    base_name,
+    carries_head,
+    is_sequence_classifier,
+    saved_modules,
+    set_label_names,
+)
 from lorakit.lora import (
     LoraLinear,
     adapter_configs,
     fan_in_fan_out,
     inject_lora,
     is_conv1d,
+    layer_shape,
     linear_module_names,
     lora_layers,
     merge_lora_weights,
     modules_to_save,
 )
+from lorakit.quant.linear import NF4Linear
 from lorakit.runtime.atomic import atomic_directory
 
 CONFIG_FILE = "adapter_config.json"
@@ -49,6 +62,20 @@ VLLM_DEFAULT_MAX_RANK = 16
 VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for --max-lora-rank
 
 
+
+
+def lorakit_version() -> str:
+    """The installed lorakit's version (recorded in every adapter's lorakit.json)."""
+    try:
+        return importlib.metadata.version("lorakit")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def read_chat_template(adapter_dir: str | Path | None) -> str | None:
+    """The chat template saved beside an adapter (what training rendered with), or None."""
+    path = Path(adapter_dir) / TEMPLATE_FILE if adapter_dir else None
+    return path.read_text(encoding="utf-8") if path is not None and path.is_file() else None
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -67,6 +94,14 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
                 "quantization_config", "_attn_implementation_autoset", "output_hidden_states", "output_attentions",
                 "return_dict", "architectures", "problem_type"}
     stable = {k: v for k, v in sorted(config_dict.items()) if k not in volatile}
+    # Class names are the task's, not the base's: hashed as transformers' defaults for that many classes,
+    # so a base whose head was named by training (or by an adapter) still matches, and hashes made before
+    # names were set (always the defaults) stay valid.
+    n = len(config_dict.get("id2label") or {})
+    if "id2label" in stable:
+        stable["id2label"] = {i: f"LABEL_{i}" for i in range(n)}
+    if "label2id" in stable:
+        stable["label2id"] = {f"LABEL_{i}": i for i in range(n)}
     digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode())
     for name, shape in base_weight_shapes(model):
         digest.update(f"{name}:{tuple(shape)};".encode())
@@ -78,13 +113,11 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
 
 
 def base_weight_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    from lorakit.quant.linear import NF4Linear
-
     shapes = []
     for name, module in model.named_modules():
-        if ".lora_" in f".{name}" or isinstance(module, LoraLinear):
+        if ".lora_" in f".{name}" or isinstance(module, LoraLinear) or base_name(name) is None:
             continue
-        clean = name.replace(".base_layer", "")
+        clean = base_name(name).replace(".base_layer", "")
         if isinstance(module, NF4Linear):  # its weight is buffers; its bias is still a parameter
             shapes.append((f"{clean}.weight", (module.out_features, module.in_features)))
         for pname, param in module.named_parameters(recurse=False):
@@ -103,10 +136,24 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
         if adapter_name in layer.lora_A:
             out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
             out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
-    for module_name in modules_to_save(model, adapter_name):
-        for pname, param in model.get_submodule(module_name).named_parameters():
-            out[f"{PREFIX}{module_name}.{pname}"] = param
+    for module_name, saved in saved_modules(model):
+        if adapter_name in saved.modules_to_save:  # PEFT's key: without `.modules_to_save.<adapter>`
+            for pname, param in saved.modules_to_save[adapter_name].named_parameters():
+                out[f"{PREFIX}{module_name}.{pname}"] = param
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def classifier_metadata(model: nn.Module, adapter_name: str = "default") -> dict[str, Any] | None:
+    """lorakit.json's `classifier` entry: num_labels, id2label (class names, or transformers' LABEL_i)
+    and the modules saved as the head; None for a model that is not a sequence classifier."""
+    if not is_sequence_classifier(model):
+        return None
+    config = model.config
+    return {
+        "num_labels": int(config.num_labels),
+        "id2label": {str(i): str(config.id2label[i]) for i in sorted(config.id2label, key=int)},
+        "head": modules_to_save(model, adapter_name),
+    }
 
 
 def peft_config_dict(model: nn.Module, config: LoraConfig, adapter_name: str, task_type: str | None) -> dict:
@@ -160,13 +207,13 @@ def save_lora_adapter(
     if adapter_name not in configs:
         raise AdapterError(f"no adapter named {adapter_name!r} on this model; adapters here: {list(configs)}")
     tensors = lora_state_dict(model, adapter_name)
-    from lorakit import __version__
 
     meta = {
-        "lorakit_version": __version__,
+        "lorakit_version": lorakit_version(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "adapter_name": adapter_name,
         "base_model": base_fingerprint(model),
+        **({"classifier": classifier_metadata(model, adapter_name)} if is_sequence_classifier(model) else {}),
         **(metadata or {}),
     }
     with atomic_directory(out_dir) as tmp:
@@ -213,7 +260,7 @@ def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     path = adapter_dir / WEIGHTS_FILE
     if not path.is_file():
         if (adapter_dir / "adapter_model.bin").is_file():
@@ -229,30 +276,96 @@ def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_lora_adapter(
-    model: nn.Module, adapter_dir: str | Path, adapter_name: str = "default", check_base: bool = True
+    model: nn.Module, adapter_dir: str | Path, adapter_name: str = "default", check_base: bool = True,
+    require_head: bool = True,
 ) -> list[str]:
-    """Load a lorakit or PEFT LoRA adapter into `model` as `adapter_name`; returns the adapted modules."""
+    """Load a lorakit or PEFT LoRA adapter into `model` as `adapter_name`; returns the adapted modules.
+
+    Into a sequence classifier, the adapter must carry its head (refused otherwise, unless `require_head`
+    is False: the base's own head is then the one meant) and fit the model's num_labels; its class names
+    (lorakit.json) become the model's id2label."""
     adapter_dir = Path(adapter_dir)
     peft_config = read_adapter_config(adapter_dir)
+    tensors = read_adapter_tensors(adapter_dir)
+    lora, full = split_adapter_keys(tensors, adapter_dir)
+    meta = read_metadata(adapter_dir).get("classifier")
+    _check_classifier(model, full, meta, adapter_dir, require_head)  # first: num_labels also changes the fingerprint
     if check_base:
         _check_fingerprint(model, adapter_dir)
-    tensors = _read_tensors(adapter_dir)
-    lora, full = _split_keys(tensors, adapter_dir)
     _check_modules(model, lora, full, adapter_dir, int(peft_config.get("r", 8)))
+    saved = saved_module_names(full, peft_config.get("modules_to_save"))
     config = LoraConfig(
         r=int(peft_config.get("r", 8)),
         alpha=float(peft_config.get("lora_alpha", 8)),
         dropout=float(peft_config.get("lora_dropout", 0.0)),
         target_modules=sorted(lora),
         use_rslora=bool(peft_config.get("use_rslora", False)),
-        modules_to_save=sorted({k.rsplit(".", 1)[0] for k in full}),
+        modules_to_save=saved,
     )
     targets = inject_lora(model, config, adapter_name)
-    _copy_weights(model, lora, full, adapter_name, adapter_dir)
+    _copy_weights(model, lora, full, saved, adapter_name)
+    if meta and is_sequence_classifier(model):
+        set_label_names(model, [meta["id2label"][str(i)] for i in range(len(meta["id2label"]))])
     return targets
 
 
-def _split_keys(tensors: dict[str, torch.Tensor], adapter_dir: Path) -> tuple[dict, dict]:
+def saved_module_names(full: dict[str, torch.Tensor], listed: list[str] | None) -> list[str]:
+    """The modules whose trained copies the file's full tensors fill: for each parameter path, the outermost
+    enclosing module whose name ends with an entry of adapter_config.json's modules_to_save (PEFT's rule), else
+    the parameter's own module. A SEQ_CLS adapter saved by PEFT lists ['classifier', 'score']."""
+    names: list[str] = []
+    for key in full:
+        prefixes = _prefixes(key)
+        module = next((p for p in prefixes if any(p.endswith(entry) for entry in listed or [])), prefixes[-1])
+        if module not in names:
+            names.append(module)
+    return sorted(names)
+
+
+def _check_classifier(model: nn.Module, full: dict, meta: dict | None, adapter_dir: Path, require_head: bool) -> None:
+    """A classifier adapter must carry its head and be for this many classes."""
+    if not is_sequence_classifier(model):
+        return
+    if require_head and not carries_head(model, [module for key in full for module in _prefixes(key)]):
+        raise AdapterError(
+            f"adapter {adapter_dir} carries no classification head (no {'/'.join(SEQ_CLS_HEAD_NAMES)} weights in "
+            f"{WEIGHTS_FILE}), but {type(model).__name__} predicts through one: with this base's head -- random "
+            "whenever the base was not trained for the task -- the same adapter would score differently at every load. "
+            "Retrain with lora.modules_to_save unset (null: the head is trained and saved, as PEFT's task_type=SEQ_CLS "
+            "does), or, if this base's own head is the one the adapter was trained with, pass require_head=False."
+        )
+    want = int(meta["num_labels"]) if meta and meta.get("num_labels") else None
+    if want is not None and want != model.config.num_labels:
+        names = list((meta.get("id2label") or {}).values())
+        raise AdapterError(
+            f"adapter {adapter_dir} classifies into {want} labels {names}, but this {type(model).__name__} has "
+            f"num_labels={model.config.num_labels}; load the base with num_labels={want} (`num_labels: {want}` in "
+            f"the run config, or load_base(..., num_labels={want}))"
+        )
+
+
+def _prefixes(key: str) -> list[str]:
+    """The module paths enclosing parameter `key`, outermost first: a.b.c.weight -> [a, a.b, a.b.c]."""
+    parts = key.split(".")[:-1]
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def adapter_num_labels(adapter_dir: str | Path) -> int | None:
+    """How many classes a SEQ_CLS adapter predicts: lorakit.json's num_labels, else the rows of a PEFT
+    adapter's head weight (`score.weight`, `classifier.weight`, `classifier.out_proj.weight`); None if unknown."""
+    meta = read_metadata(adapter_dir).get("classifier") or {}
+    if meta.get("num_labels"):
+        return int(meta["num_labels"])
+    keys = read_adapter_tensors(Path(adapter_dir))
+    for head in SEQ_CLS_HEAD_NAMES:
+        for suffix in (f"{head}.weight", f"{head}.out_proj.weight"):
+            hits = [t for k, t in keys.items() if k.endswith(suffix) and "lora_" not in k]
+            if len(hits) == 1:
+                return int(hits[0].shape[0])
+    return None
+
+
+def split_adapter_keys(tensors: dict[str, torch.Tensor], adapter_dir: Path) -> tuple[dict, dict]:
     """{module: {'A': t, 'B': t}} for LoRA factors, {param path: t} for modules trained in full."""
     lora: dict[str, dict[str, torch.Tensor]] = {}
     full: dict[str, torch.Tensor] = {}
@@ -292,12 +405,12 @@ def _check_modules(model: nn.Module, lora: dict, full: dict, adapter_dir: Path, 
                 f"{module}: expected lora_A {want_a} and lora_B {want_b} for this model, found "
                 f"{tuple(parts['A'].shape)} and {tuple(parts['B'].shape)}"
             )
-    params = dict(model.named_parameters())
+    shapes = _full_shapes(model)
     for name, tensor in full.items():
-        if name not in params:
+        if name not in shapes:
             problems.append(f"{name}: no such parameter in this model")
-        elif params[name].shape != tensor.shape:
-            problems.append(f"{name}: expected shape {tuple(params[name].shape)}, found {tuple(tensor.shape)}")
+        elif shapes[name] != tuple(tensor.shape):
+            problems.append(f"{name}: expected shape {shapes[name]}, found {tuple(tensor.shape)}")
     if problems:
         base = read_metadata(adapter_dir).get("base_model", {}).get("name") or _peft_base(adapter_dir)
         raise AdapterError(
@@ -308,8 +421,6 @@ def _check_modules(model: nn.Module, lora: dict, full: dict, adapter_dir: Path, 
 
 
 def _shape(layer: nn.Module) -> tuple[int, int]:
-    from lorakit.lora import layer_shape
-
     return layer_shape(layer)
 
 
@@ -329,21 +440,43 @@ def _check_fingerprint(model: nn.Module, adapter_dir: Path) -> None:
         raise AdapterError(
             f"adapter {adapter_dir} was trained for base {saved.get('name')!r} (revision {saved.get('revision')}, "
             f"fingerprint {saved['hash']}), but this model is {here['name']!r} (fingerprint {here['hash']}): "
-            "a different base model or revision. Load the matching base, or pass check_base=False "
-            "(--no-check-base) if you know they are compatible."
+            "a different base model or revision. Load the matching base, or call load_lora_adapter(..., "
+            "check_base=False) if you know they are compatible."
         )
 
 
-def _copy_weights(model: nn.Module, lora: dict, full: dict, adapter_name: str, adapter_dir: Path) -> None:
+def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base's parameters by the base's names, through LoRA and modules_to_save wrappers."""
+    out = {}
+    for name, param in model.named_parameters():
+        clean = base_name(name)
+        if clean is not None and ".lora_" not in f".{clean}":
+            out[clean.replace(".base_layer", "")] = param
+    return out
+
+
+def _full_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Shapes a module trained in full may hold, by base name: its parameters, and a 4-bit layer's (out, in)
+    weight (its trained copy is dequantized)."""
+    shapes = {name: tuple(param.shape) for name, param in base_parameters(model).items()}
+    for name, module in model.named_modules():
+        if isinstance(module, NF4Linear) and base_name(name) is not None:
+            shapes[f"{base_name(name).replace('.base_layer', '')}.weight"] = (module.out_features, module.in_features)
+    return shapes
+
+
+def _copy_weights(model: nn.Module, lora: dict, full: dict, saved: list[str], adapter_name: str) -> None:
     with torch.no_grad():
         for module, parts in lora.items():
             layer = model.get_submodule(module)
             for part, store in (("A", layer.lora_A), ("B", layer.lora_B)):
                 weight = store[adapter_name].weight
                 weight.copy_(parts[part].to(weight.dtype))
-        params = dict(model.named_parameters())
-        for name, tensor in full.items():
-            params[name].copy_(tensor.to(params[name].dtype))
+        for name, tensor in full.items():  # into this adapter's copy of the module trained in full
+            module = next(m for m in saved if name.startswith(f"{m}."))
+            copy = model.get_submodule(module).modules_to_save[adapter_name]
+            param = copy.get_parameter(name.removeprefix(f"{module}."))
+            param.copy_(tensor.to(param.dtype))
 
 
 # --------------------------------------------------------------------------- merge, list, check
@@ -396,7 +529,7 @@ def check_adapter(adapter_dir: str | Path, target: str = "vllm") -> list[str]:
     problems = []
     try:
         config = read_adapter_config(adapter_dir)
-        tensors = _read_tensors(adapter_dir)
+        tensors = read_adapter_tensors(adapter_dir)
     except AdapterError as e:
         return [str(e)]
     if target == "vllm":

@@ -8,40 +8,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from lorakit import api
+from lorakit.adapters import check_adapter, list_adapters
+from lorakit.adapters import lorakit_version as version
+from lorakit.advise import advise
+from lorakit.config import RunConfig, field_help, load_run_config
+from lorakit.data import inspect_data
+from lorakit.demo import resolve_base_name
+from lorakit.errors import LorakitError
+from lorakit.export.gguf import export_gguf
+from lorakit.models import load_tokenizer
+from lorakit.quickstart import run_quickstart
+from lorakit.runtime.checkpoint import newest_checkpoint
+from lorakit.runtime.distributed import launched, relaunch
+from lorakit.serve import ServeSettings, parse_adapter_specs, run_server
+from lorakit.train import format_summary
+
 EXIT_USER_ERROR = 2
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from lorakit.adapters import AdapterError
-    from lorakit.advise import AdviceError
-    from lorakit.config import ConfigError
-    from lorakit.models import ModelLoadError
-    from lorakit.train import TrainingError
-
-    errors: list[type[BaseException]] = [AdapterError, AdviceError, ConfigError, ModelLoadError, TrainingError]
-    try:
-        from lorakit.data import DataError
-
-        errors.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errors)
 
 
 # --------------------------------------------------------------------------- commands
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lorakit.runtime.distributed import launched
-    from lorakit.train import format_summary, train_lora
-
     if args.nproc is not None and args.nproc > 1 and not launched():
         return _relaunch_train(args)
-    result = train_lora(args.config, args.set, resume=args.resume, progress=not args.quiet,
-                        memory_check=not args.no_memory_check)
+    result = api.train_lora(args.config, args.set, resume=args.resume, progress=not args.quiet,
+                            memory_check=not args.no_memory_check)
     if result.rank == 0:
         print(format_summary(result))
     return 0
@@ -49,35 +46,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _relaunch_train(args: argparse.Namespace) -> int:
     """`lorakit train --nproc N`: this same command on N local processes under torch.distributed.run."""
-    from lorakit.config import load_run_config
-    from lorakit.runtime.distributed import relaunch
-
     config = load_run_config(args.config, args.set)  # report config problems once, before starting N processes
     child = ["train", *([args.config] if args.config else [])]
     for override in args.set:
         child += ["--set", override]
     child += [flag for flag, on in (("--resume", args.resume), ("--quiet", args.quiet),
                                     ("--no-memory-check", args.no_memory_check)) if on]
-    return relaunch(args.nproc, child, Path(config.output_dir))
+    return relaunch(args.nproc, child, lambda: newest_checkpoint(Path(config.output_dir)))
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from lorakit.quickstart import run_quickstart
-
     return run_quickstart(Path(args.output_dir), steps=args.steps, progress=not args.quiet)
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
-    from lorakit.config import load_run_config
-    from lorakit.data import inspect_data
-    from lorakit.models import load_tokenizer
-
-    config = load_run_config(args.config, args.set)
-    if config.data.train is None:
-        from lorakit.demo import write_demo_data
-
-        paths = write_demo_data(Path(config.output_dir) / "data")
-        config.data.train, config.data.eval = str(paths["train"]), config.data.eval or str(paths["eval"])
+    config = api.run_config(args.config, args.set)
     tokenizer = load_tokenizer(config.base_model, config.revision)
     print(inspect_data(config.data, tokenizer, n=args.n, as_json=args.json, task=config.task,
                        batch_size=config.train.micro_batch_size))
@@ -85,12 +68,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lorakit.config import load_run_config
-    from lorakit.evaluate import evaluate_run
-
-    config = load_run_config(args.config, args.set)
-    adapter = Path(args.adapter) if args.adapter else Path(config.output_dir) / "adapter"
-    report = evaluate_run(config, adapter, Path(args.out or Path(config.output_dir) / "eval"))
+    report = api.evaluate(args.config, args.adapter, args.out, args.set, fail_below=args.fail_below)
     print(json.dumps(report.json, indent=2) if args.json else report.markdown)
     failures = report.failures(args.fail_below or [])
     for failure in failures:
@@ -99,8 +77,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_list(args: argparse.Namespace) -> int:
-    from lorakit.adapters import list_adapters
-
     rows = list_adapters(args.dir)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -119,8 +95,6 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_check(args: argparse.Namespace) -> int:
-    from lorakit.adapters import check_adapter
-
     problems = check_adapter(args.dir, args.target)
     for problem in problems:
         print(f"- {problem}")
@@ -130,48 +104,27 @@ def cmd_adapters_check(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    import torch
-
-    from lorakit.adapters import export_merged, load_lora_adapter
-    from lorakit.models import load_model, load_tokenizer
-
-    meta_task = json.loads((Path(args.adapter) / "adapter_config.json").read_text()).get("task_type", "CAUSAL_LM")
-    task = "seq_cls" if meta_task == "SEQ_CLS" else "causal_lm"
-    model = load_model(args.base, task, torch.float32)
-    load_lora_adapter(model, args.adapter)
-    out = export_merged(model, args.out, load_tokenizer(args.base))
+    out = api.merge(args.base, args.adapter, args.out)
     print(f"merged model written to {out} (standard transformers format, safetensors)")
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    result = export_gguf(args.source, args.out, fmt=args.format, dtype=args.dtype, base=resolve_base_name(args.base) if args.base else None, force=args.force,
+                         check_base=not args.no_check_base, progress=not args.quiet)
+    print(result.summary())
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lorakit.generate import GenerationConfig, generate, render_chat_prompt
-    from lorakit.models import load_model, load_tokenizer
-
-    tokenizer = load_tokenizer(args.base)
-    model = load_model(args.base)
-    template = None
-    if args.adapter:
-        from lorakit.adapters import TEMPLATE_FILE, load_lora_adapter
-
-        load_lora_adapter(model, args.adapter)
-        path = Path(args.adapter) / TEMPLATE_FILE
-        template = path.read_text(encoding="utf-8") if path.is_file() else None
-    prompt = args.prompt
-    if not args.raw and (template or tokenizer.chat_template):
-        prompt = render_chat_prompt(tokenizer, [{"role": "user", "content": args.prompt}], template)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    print(generate(model, tokenizer, [prompt], config)[0])
+    generation = api.GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    print(api.generate_text(args.base, args.prompt, args.adapter, raw=args.raw, generation=generation))
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
-    from lorakit.serve import ServeSettings, parse_adapter_specs, run_server
-
     settings = ServeSettings(
-        base=args.base, quant=args.quant, adapters=parse_adapter_specs(args.adapter),
+        base=resolve_base_name(args.base), quant=args.quant, adapters=parse_adapter_specs(args.adapter),
         adapter_roots=args.adapter_root, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"), max_batch=args.max_batch,
         max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
@@ -181,11 +134,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_advise(args: argparse.Namespace) -> int:
-    from lorakit.advise import advise
-    from lorakit.config import load_run_config
-
     config = load_run_config(args.config, args.set) if args.config or args.set else None
-    advice = advise(config, model=args.model, memory=args.memory, device=args.device, task=args.task,
+    if config is not None and not args.model:  # the advisor reads config.json: 'demo' becomes its directory
+        config.base_model = resolve_base_name(config.base_model)
+    model = resolve_base_name(args.model) if args.model else None
+    advice = advise(config, model=model, memory=args.memory, device=args.device, task=args.task,
                     examples=args.examples, data=args.data, seq_len=args.seq_len, serving=args.serving,
                     price_per_hour=args.price_per_hour, gpu=args.gpu)
     print(json.dumps(advice.to_json(), indent=2) if args.json else advice.render())
@@ -193,8 +146,6 @@ def cmd_advise(args: argparse.Namespace) -> int:
 
 
 def cmd_config_keys(args: argparse.Namespace) -> int:
-    from lorakit.config import RunConfig, field_help
-
     for key, default, text in field_help(RunConfig):
         print(f"{key:34s} {default!r:>14}  {text}")
     return 0
@@ -205,9 +156,8 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA and QLoRA fine-tuning: advise, train, evaluate, serve.")
-    from lorakit import __version__
 
-    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
+    parser.add_argument("--version", action="version", version=f"lorakit {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("quickstart", help="offline demo: QLoRA on a built-in tiny Llama and synthetic task, eval, merge")
@@ -261,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="adapter directory")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="GGUF for llama.cpp and Ollama (merged, or base + GGUF LoRA), with a Modelfile")
+    p.add_argument("source", metavar="RUN_OR_ADAPTER", help="run directory, adapter directory or model directory")
+    p.add_argument("--format", choices=["gguf", "gguf-lora"], default="gguf",
+                   help="gguf: one file, adapter merged (default); gguf-lora: base GGUF + the adapter as a GGUF LoRA")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16", help="tensor type (default f16)")
+    p.add_argument("--out", help="output directory (default: <run>/<format>-<dtype>)")
+    p.add_argument("--base", help="base model (hub id or directory) if the run or adapter does not name it")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-check-base", action="store_true", help="skip the adapter's base-model fingerprint check")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="one answer from the command line")
     p.add_argument("--base", required=True, help="hub id or directory of the base model ('demo' for the built-in one)")
@@ -326,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except _user_errors() as e:
+    except LorakitError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

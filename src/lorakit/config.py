@@ -1,7 +1,7 @@
 """Every lorakit setting as a typed dataclass, with YAML load/dump and whole-config validation.
 
-Why dataclasses with a `help` per field: the same text documents the YAML keys (`lorakit config
---help-keys`), and validation can name the exact key that is wrong. Validation collects *every*
+Why dataclasses with a `help` per field: the same text documents the YAML keys (`lorakit
+config` lists them), and validation can name the exact key that is wrong. Validation collects *every*
 problem before anything heavy (weights, data) is loaded, so a user fixes a config in one pass.
 """
 
@@ -64,9 +64,11 @@ class LoraConfig:
         default="kaiming",
     )
     bias: Literal["none"] = _help("Bias training; only 'none' (base biases stay frozen).", default="none")
-    modules_to_save: list[str] = _help(
-        "Modules trained in full and saved with the adapter (e.g. a classifier head: ['score']).",
-        default_factory=list,
+    modules_to_save: list[str] | None = _help(
+        "Modules trained in full and saved with the adapter. null = the classification head for task seq_cls "
+        "(score / classifier, and a pooler where the model has one: what PEFT's task_type=SEQ_CLS trains), "
+        "none for causal_lm; a list = exactly these modules (name-suffixes); [] = none.",
+        default=None,
     )
 
     @property
@@ -83,8 +85,9 @@ class LoraConfig:
             out.append(f"{prefix}.dropout must be in [0, 1), got {self.dropout!r}")
         out += _target_problems(self.target_modules, f"{prefix}.target_modules")
         out += _choice_problems(self, prefix, ("init", "bias"))
-        if not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) for m in self.modules_to_save):
-            out.append(f"{prefix}.modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        save = self.modules_to_save
+        if save is not None and (not isinstance(save, list) or not all(isinstance(m, str) and m for m in save)):
+            out.append(f"{prefix}.modules_to_save must be a list of module names or null (the task's default), got {save!r}")
         return out
 
 

@@ -34,15 +34,12 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from lorakit.config import DataConfig, EvalConfig, LoraConfig, RunConfig, TrainConfig
+from lorakit.config import DataConfig, EvalConfig, GenerationConfig, LoraConfig, RunConfig, TrainConfig
 from lorakit.runtime.atomic import atomic_directory, atomic_file
-
-if TYPE_CHECKING:
-    from lorakit.evaluate import EvalSettings
 
 log = logging.getLogger(__name__)
 
@@ -294,18 +291,48 @@ def is_demo_data(path: str | Path) -> bool:
         return False
 
 
-def demo_eval_settings() -> EvalSettings:
+def demo_eval_settings() -> EvalConfig:
     """Eval settings of the demo task: answers are short JSON with the label under "sentiment"."""
-    from lorakit.evaluate import EvalSettings
-    from lorakit.generate import GenerationConfig
-
-    return EvalSettings(generation=GenerationConfig(max_new_tokens=24), schema=DEMO_SCHEMA, label_key="sentiment",
+    return EvalConfig(generation=GenerationConfig(max_new_tokens=24), schema=DEMO_SCHEMA, label_key="sentiment",
                         max_prompts=64, canary="builtin")
 
 
 def demo_canary(n: int = 32, seed: int = 0) -> list[dict[str, str]]:
-    """The built-in canary for the demo base (what `eval.canary: builtin` means for base_model: demo)."""
+    """The canary of the demo base: general text from its own pre-training distribution."""
     return canary_rows(n, seed + 1_000_003)
+
+
+# --------------------------------------------------------------------------- the demo as an application
+
+
+def resolve_base_name(base_model: str) -> str:
+    """`demo` -> the built demo model's directory (built and cached on first use); any other name unchanged."""
+    return str(ensure_demo_model()) if base_model == "demo" else base_model
+
+
+def resolve_demo(config: RunConfig) -> RunConfig:
+    """Turn the demo's names into real paths and files, once, at the entry point (in place; returned):
+
+    base_model: demo     -> the built demo model directory
+    data.train: null     -> the demo task's files, written under output_dir/data
+    eval left at its defaults on the demo task's data -> the demo task's eval settings
+    eval.canary: builtin on the demo base -> the demo canary file (general text of the demo's own
+                            pre-training distribution; the English canary means nothing to a 1M model)
+    Nothing below the entry points knows the demo exists."""
+    demo_base = config.base_model == "demo"
+    config.base_model = resolve_base_name(config.base_model)
+    data_dir = Path(config.output_dir) / "data"
+    if config.data.train is None:
+        paths = write_demo_data(data_dir)
+        config.data.train, config.data.eval = str(paths["train"]), config.data.eval or str(paths["eval"])
+    if config.eval == EvalConfig(at_end=config.eval.at_end) and is_demo_data(config.data.train):
+        config.eval = dataclasses.replace(demo_eval_settings(), at_end=config.eval.at_end)
+    if demo_base and config.eval.canary == "builtin":
+        canary = data_dir / "canary.jsonl"
+        if not canary.is_file():
+            _write_jsonl(canary, demo_canary())
+        config.eval.canary = str(canary)
+    return config
 
 
 # --------------------------------------------------------------------------- tokenizer and model

@@ -45,3 +45,7 @@ class TrainingError(LorakitError, RuntimeError):
 
 class OutputError(LorakitError, OSError):
     """An output path cannot be written (exists, read-only, full disk, locked); names the path and the way out."""
+
+
+class ExportError(LorakitError, ValueError):
+    """An export that cannot be done as asked; the message says why and what to do."""

@@ -271,16 +271,25 @@ def next_tokens_per_row(
     """One token per row, each row with its own settings. logits: (B, V) float -> (B,).
 
     seen[i] is row i's (V,) bool mask of tokens already in it (needed only with a repetition penalty).
-    Greedy rows without a penalty -- the common case -- share one argmax; the others go one by one.
+    Greedy rows without a penalty -- the common case -- share one argmax; unseeded sampled rows without a
+    penalty share one `next_tokens` call per (temperature, top_k, top_p); the others (a seed's generator,
+    a penalty) go one by one.
     """
     chosen = logits.argmax(-1)  # (B,)
+    shared: dict[tuple[float, int, float], list[int]] = {}
     for row, config in enumerate(configs):
         if config.temperature == 0 and config.repetition_penalty == 1.0:
+            continue
+        if generators[row] is None and config.repetition_penalty == 1.0:
+            shared.setdefault((config.temperature, config.top_k, config.top_p), []).append(row)
             continue
         row_logits = logits[row : row + 1]  # (1, V)
         if config.repetition_penalty != 1.0:
             row_logits = apply_repetition_penalty(row_logits, seen[row][None], config.repetition_penalty)
         chosen[row] = next_tokens(row_logits, config, generators[row])[0]
+    for rows in shared.values():
+        index = torch.tensor(rows, device=logits.device)  # (n,)
+        chosen[index] = next_tokens(logits.index_select(0, index), configs[rows[0]])  # (n, V) -> (n,)
     return chosen
 
 

@@ -9,7 +9,28 @@ map one-to-one onto PEFT's adapter files (`...q_proj.lora_A.weight`).
 
 Several named adapters can live on one model: `set_adapter` picks the active one, `adapters_disabled`
 gives the base output, and `adapter_rows` lets each row of a batch use its own adapter (or none) in one
-forward -- the server batches requests for different adapters this way.
+forward -- the server batches requests for different adapters this way. Per-row adapters run grouped
+(Punica/S-LoRA's batched gather matmul, in plain torch), a fixed number of ops per layer for any mix:
+
+    pieces  each adapter's rank cut into slices of one rank c (the last zero-padded; `piece_rank` picks c
+            so that padding and the number of pieces stay small): p pieces in all
+    slots   w per piece (w = most rows of one adapter); slot (k, j) holds the j-th row using piece k's
+            adapter, unused slots row 0 with a zero mask
+    A_st    (p, in, c)   Aᵀ of each piece        B_st  (p, c, out)  s_a · Bᵀ of each piece (scaling folded in)
+    x_g = x[slots]  (p, w·T, in)      h = x_g A_st · mask  (p, w·T, c)      y[slots] += h B_st  (index_add)
+
+    since x Aᵀ Bᵀ = Σ_k x A_kᵀ B_kᵀ over the rank slices k of A (rows) and B (columns).
+
+Zero-padded ranks and masked slots add exact zeros, so each row gets s_a · x Aᵀ Bᵀ of its own adapter
+and base rows (or rows whose adapter does not target the layer) get nothing. The stacks are cached per
+layer and set of adapters (decode steps reuse them) and rebuilt when a factor changes (its version
+counter), an adapter is added or deleted, or the layer moves device or dtype. When every row uses the
+same adapter the fused single-adapter path below runs instead. `_forward_rows_reference` (gather, two
+matmuls and a scatter per adapter) is the plain version, kept as the oracle and for training
+(autograd on, or live dropout).
+
+Modules an adapter trains in full (`modules_to_save`: a classifier head) get one copy per adapter beside the base's own (heads.py), so the
+same three switches apply to them.
 
 The common case -- one active adapter over a frozen nn.Linear, Conv1D or NF4Linear, all in one dtype --
 runs as one autograd Function, `_LoraMatmul`, with the derivatives written out:
@@ -29,10 +50,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,6 +64,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.config import TARGET_PRESETS, LoraConfig
+from lorakit.heads import (
+    SavedModule,
+    base_name,
+    carries_head,
+    classifier_head,
+    is_sequence_classifier,
+    saved_modules,
+)
+from lorakit.quant.linear import FrozenNF4, NF4Linear
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +94,8 @@ assert set(PRESET_SPELLINGS) | {"all-linear"} == set(TARGET_PRESETS)
 
 
 def linear_types() -> tuple[type, ...]:
-    """Layer types LoRA can wrap; imported lazily so lorakit.lora has no hard dep on quant."""
+    """Layer types LoRA can wrap (Conv1D imported here: transformers is heavy to import)."""
     from transformers.pytorch_utils import Conv1D
-
-    from lorakit.quant.linear import NF4Linear
 
     return (nn.Linear, Conv1D, NF4Linear)
 
@@ -108,8 +139,6 @@ def _frozen_base(layer: nn.Module, dtype: torch.dtype) -> tuple[Any, torch.Tenso
     Only exact nn.Linear / Conv1D / NF4Linear without hooks: a subclass (bitsandbytes' Linear4bit) or
     a hooked module (accelerate's offloading) must run its own forward."""
     from transformers.pytorch_utils import Conv1D
-
-    from lorakit.quant.linear import FrozenNF4, NF4Linear
 
     if layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook"):
         return None
@@ -180,8 +209,13 @@ class LoraLinear(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-        self.row_adapters: Sequence[str | None] | None = None
-        self.row_index: dict[tuple[str, torch.device], torch.Tensor] = {}  # shared by all layers in adapter_rows
+        self.row_plan: RowPlan | None = None  # inside adapter_rows: each row's adapter, shared by layers alike
+        self.stacks: OrderedDict[tuple[str, ...], AdapterStack] = OrderedDict()  # grouped path, per adapter set
+
+    @property
+    def row_adapters(self) -> tuple[str | None, ...] | None:
+        """Inside `adapter_rows`: row i's adapter in this layer (None = base only, or not targeted here)."""
+        return None if self.row_plan is None else self.row_plan.names
 
     def add_adapter(self, name: str, config: LoraConfig) -> None:
         device = next(iter([*self.base_layer.parameters(), *self.base_layer.buffers()])).device
@@ -195,6 +229,11 @@ class LoraLinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[name].weight)
         self.active_adapters = [name]
+        self.stacks.clear()
+
+    def _apply(self, fn, recurse=True):
+        self.stacks.clear()  # .to(device/dtype) may give the factors new storage (version counters stay)
+        return super()._apply(fn, recurse)
 
     def delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """s · dropout(x) Aᵀ Bᵀ, computed in the adapter's dtype. x: (..., in) -> (..., out)."""
@@ -211,7 +250,7 @@ class LoraLinear(nn.Module):
             if self.merged_adapters:
                 raise RuntimeError("adapters are merged into the base weights; unmerge before disabling them")
             return y
-        if self.row_adapters is not None:
+        if self.row_plan is not None:
             return self._forward_rows(x, y)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
@@ -220,10 +259,18 @@ class LoraLinear(nn.Module):
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """base(x) + delta(x) through `_LoraMatmul` when exactly one unmerged adapter applies to every row
-        and the base is frozen and in x's dtype; None when the plain path must run."""
-        if self.disabled or self.row_adapters is not None or len(self.active_adapters) != 1:
+        (the active one, or the one all rows of `adapter_rows` use) and the base is frozen and in x's
+        dtype; None when the plain path must run."""
+        if self.disabled:
             return None
-        name = self.active_adapters[0]
+        if self.row_plan is not None:
+            name = self.row_plan.uniform
+            if name is None or len(self.row_plan.names) != x.shape[0]:
+                return None
+        elif len(self.active_adapters) == 1:
+            name = self.active_adapters[0]
+        else:
+            return None
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         base = _frozen_base(self.base_layer, x.dtype)
         if name in self.merged_adapters or base is None or not x.dtype == A.dtype == B.dtype:
@@ -238,16 +285,41 @@ class LoraLinear(nn.Module):
         return _LoraMatmul.apply(x, x_lora, A, B, bias, base, self.scaling[name])
 
     def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Row i of the batch gets adapter row_adapters[i] (None = base only). x: (B, ..., in)."""
-        names = self.row_adapters
-        if len(names) != x.shape[0]:
-            raise ValueError(f"adapter_rows has {len(names)} names for a batch of {x.shape[0]} rows")
+        """Row i of the batch gets adapter row_adapters[i] (None = base only). x: (B, ..., in), y = base(x)."""
+        plan = self.row_plan
+        if len(plan.names) != x.shape[0]:
+            raise ValueError(f"adapter_rows has {len(plan.names)} names for a batch of {x.shape[0]} rows")
+        if not plan.adapters:
+            return y  # no row's adapter targets this layer
+        if plan.grouped and not torch.is_grad_enabled():
+            stack = self._stack(plan.adapters)
+            if stack is not None and not (stack.dropout and self.training):
+                return _grouped_rows(x, y, plan, stack)
+        return self._forward_rows_reference(x, y)
+
+    def _stack(self, adapters: tuple[str, ...]) -> AdapterStack | None:
+        """The cached stacks of `adapters` (built or rebuilt as needed); None if their factors differ in
+        dtype or device (the reference path handles that)."""
+        stack = self.stacks.get(adapters)
+        if stack is not None and stack.versions == tuple(p._version for p in stack.factors):
+            self.stacks.move_to_end(adapters)
+            return stack
+        stack = AdapterStack.build(self, adapters)
+        if stack is not None:
+            self.stacks[adapters] = stack
+            while len(self.stacks) > STACKS_PER_LAYER:
+                self.stacks.popitem(last=False)  # least recently used
+        return stack
+
+    def _forward_rows_reference(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The plain per-row path: for each adapter, gather its rows, two matmuls, scatter them back."""
+        names, index = self.row_plan.names, self.row_plan.index
         for name in dict.fromkeys(n for n in names if n is not None):
-            # one host->device copy per adapter per `adapter_rows` block, not one per layer per forward
-            rows = self.row_index.get((name, x.device))
+            # one host->device copy per adapter and plan, not one per layer per forward
+            rows = index.get((name, x.device))
             if rows is None:
                 rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)  # (rows of name,)
-                self.row_index[(name, x.device)] = rows
+                index[(name, x.device)] = rows
             y = y.index_add(0, rows, self.delta(x.index_select(0, rows), name).to(y.dtype))  # (B, ..., out)
         return y
 
@@ -261,6 +333,97 @@ class LoraLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, adapters(rank)={ranks}, active={self.active_adapters}"
 
 
+# --------------------------------------------------------------------------- grouped per-row adapters
+
+STACKS_PER_LAYER = 4  # adapter sets whose stacks a layer keeps (continuous batching revisits a few)
+PIECE_COST = 8  # a piece's fixed cost (its gathered rows, one more small matmul), in units of rank
+
+
+def piece_rank(ranks: Sequence[int]) -> int:
+    """The rank c each adapter is cut into (and zero-padded to): the one of `ranks` that minimizes
+    Σ_a ⌈r_a / c⌉ · (c + PIECE_COST), padded work plus a cost per piece. Ranks 8/16/32/64 give c = 16:
+    8 pieces and 128 rank units per row slot, where padding all to 64 would do 256."""
+    return min(sorted(set(ranks)), key=lambda c: sum(-(-r // c) for r in ranks) * (c + PIECE_COST))
+
+
+class RowPlan:
+    """Which rows use which adapter, for every layer that sees the same per-row `names` (layers that hold
+    the same adapters): adapters in sorted order, `width` slots each; index tensors made once per device.
+    Kept across `adapter_rows` blocks (decode steps repeat the same rows), see `_RowLayers`."""
+
+    def __init__(self, names: tuple[str | None, ...], grouped: bool = True):
+        self.names, self.grouped = names, grouped
+        self.index: dict[tuple[str, torch.device], torch.Tensor] = {}  # the reference path's row indices
+        self.adapters = tuple(sorted({n for n in names if n is not None}))
+        first = names[0] if len(names) else None
+        one = grouped and len(self.adapters) == 1 and all(n == first for n in names)
+        self.uniform = first if one else None  # every row on one adapter: the fused path
+        self.rows = [[i for i, n in enumerate(names) if n == a] for a in self.adapters]
+        self.width = max(map(len, self.rows), default=0)
+        self._tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def tensors(self, pieces: tuple[int, ...], device: torch.device,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """For a stack whose piece k belongs to adapter pieces[k]: (slots (p·w,) long: the row in each slot,
+        unused slots row 0; mask (p, w, 1, 1), 0 on unused slots, or None when every slot is used)."""
+        key = (pieces, device, dtype)
+        if key not in self._tensors:
+            rows = [self.rows[a] for a in pieces]
+            slots = [i for r in rows for i in r + [0] * (self.width - len(r))]
+            live = None if all(len(r) == self.width for r in rows) else \
+                torch.tensor([[1.0] * len(r) + [0.0] * (self.width - len(r)) for r in rows], dtype=dtype,
+                             device=device)[:, :, None, None]
+            self._tensors[key] = torch.tensor(slots, dtype=torch.long, device=device), live
+        return self._tensors[key]
+
+
+@dataclass
+class AdapterStack:
+    """One layer's factors of a set of adapters, cut into pieces of equal rank and stacked for
+    `_grouped_rows` (see the module docstring)."""
+
+    A: torch.Tensor  # (p, in, c)   Aᵀ of each piece (a rank slice of one adapter, zero-padded to c)
+    B: torch.Tensor  # (p, c, out)  s · Bᵀ of the same slice
+    pieces: tuple[int, ...]  # (p,) the adapter (index into the sorted set) each piece belongs to
+    factors: tuple[torch.Tensor, ...]  # the parameters stacked, whose version counters say when to rebuild
+    versions: tuple[int, ...]
+    dropout: bool  # some adapter has dropout: training-mode forwards take the reference path
+
+    @staticmethod
+    def build(layer: LoraLinear, adapters: tuple[str, ...]) -> AdapterStack | None:
+        As = [layer.lora_A[a].weight for a in adapters]  # (r_a, in) each
+        Bs = [layer.lora_B[a].weight for a in adapters]  # (out, r_a) each
+        if len({(t.dtype, t.device) for t in As + Bs}) != 1:
+            return None
+        c = piece_rank([a.shape[0] for a in As])
+        cuts = [(i, lo) for i, a in enumerate(As) for lo in range(0, a.shape[0], c)]  # (adapter, first rank)
+        with torch.no_grad():
+            A = As[0].new_zeros(len(cuts), layer.in_features, c)  # (p, in, c)
+            B = As[0].new_zeros(len(cuts), c, layer.out_features)  # (p, c, out)
+            for k, (i, lo) in enumerate(cuts):  # once per set of adapters, not per forward
+                hi = min(lo + c, As[i].shape[0])
+                A[k, :, : hi - lo] = As[i][lo:hi].t()
+                B[k, : hi - lo] = Bs[i][:, lo:hi].t() * layer.scaling[adapters[i]]
+        dropout = any(not isinstance(layer.lora_dropout[a], nn.Identity) for a in adapters)
+        factors = tuple(As + Bs)
+        return AdapterStack(A, B, tuple(i for i, _ in cuts), factors, tuple(p._version for p in factors), dropout)
+
+
+def _grouped_rows(x: torch.Tensor, y: torch.Tensor, plan: RowPlan, stack: AdapterStack) -> torch.Tensor:
+    """y (B, ..., out) += each row's own s · x Aᵀ Bᵀ with two batched matmuls; x: (B, ..., in)."""
+    rows, p, width = x.shape[0], len(stack.pieces), plan.width
+    slots, live = plan.tensors(stack.pieces, x.device, stack.A.dtype)
+    x3 = x.reshape(rows, -1, x.shape[-1])  # (B, T, in)
+    xg = x3.index_select(0, slots).to(stack.A.dtype).view(p, -1, x.shape[-1])  # (p, w·T, in)
+    h = torch.bmm(xg, stack.A)  # (p, w·T, c)
+    if live is not None:
+        h.view(p, width, x3.shape[1], -1).mul_(live)  # unused slots (copies of row 0) add nothing
+    delta = torch.bmm(h, stack.B)  # (p, w·T, out)
+    y = y.contiguous()
+    y.view(rows, -1).index_add_(0, slots, delta.view(p * width, -1).to(y.dtype))  # (B, T·out)
+    return y
+
+
 # --------------------------------------------------------------------------- target discovery
 
 
@@ -271,10 +434,14 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
-    """Full names of every layer LoRA could wrap (the base layers of existing wrappers included)."""
+    """Full names of every layer LoRA could wrap (the base layers of existing wrappers included); layers
+    inside a module trained in full are not among them (PEFT never adapts those either)."""
     types = linear_types()
+    inside_saved = tuple(f"{name}." for name, _ in saved_modules(model))
     names = []
     for name, module in model.named_modules():
+        if name.startswith(inside_saved):
+            continue
         if isinstance(module, LoraLinear):
             names.append(name)
         elif isinstance(module, types) and not name.endswith("base_layer") and ".lora_" not in name:
@@ -335,70 +502,94 @@ def _resolve_preset(preset: str, names: list[str]) -> list[str]:
 
 
 def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> list[str]:
-    """Wrap the target layers of `model` in place, freeze everything but the adapters (and
-    `config.modules_to_save`), make `adapter_name` the active adapter, and return the adapted module names.
+    """Wrap the target layers of `model` in place, freeze everything but the adapters (and the adapter's
+    copies of `config.modules_to_save`), make `adapter_name` the active adapter, and return the adapted names.
 
-    Heads (lm_head, score, classifier) are adapted only when named in a list or matched by a regex;
-    `modules_to_save` trains a module (a classifier head) in full instead, like PEFT's option.
+    Heads (lm_head, score, classifier) are adapted only when named in a list or matched by a regex.
+    `modules_to_save` trains modules in full instead, like PEFT's option: None (the default) means the
+    classification head of a sequence classifier (heads.classifier_head, what PEFT's task_type=SEQ_CLS
+    trains, plus a pooler) and nothing for other models; a list names exactly the modules, [] none.
+    Layers inside a module trained in full get no LoRA (as in PEFT).
     """
     problems = config.problems()
     if problems:
         raise ValueError("; ".join(problems))
     if adapter_name in adapter_configs(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; adapters here: {list(adapter_configs(model))}")
-    targets = find_target_modules(model, config.target_modules)
-    save_names = _find_modules_to_save(model, config.modules_to_save)
-    _check_save_owners(model, save_names, adapter_name)
+    save_names = resolve_modules_to_save(model, config.modules_to_save)
+    targets = _targets_outside(find_target_modules(model, config.target_modules), save_names, config)
+    for name in save_names:
+        module = model.get_submodule(name)
+        if not isinstance(module, SavedModule):
+            module = SavedModule(module)
+            _replace_module(model, name, module)
+        module.add_adapter(adapter_name)
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLinear):
             module = LoraLinear(module)
             _replace_module(model, name, module)
         module.add_adapter(adapter_name, config)
-    # a copy: the caller's lists may be changed later (PEFT's LoraConfig appends to modules_to_save in place)
-    model.lorakit_adapters = {**adapter_configs(model), adapter_name: copy.deepcopy(config)}
-    freeze_base(model, [m for a in adapter_configs(model) for m in modules_to_save(model, a)])
+    # a copy, with the modules resolved: the caller's lists may change later (PEFT's LoraConfig appends in place)
+    resolved = dataclasses.replace(copy.deepcopy(config), modules_to_save=list(save_names))
+    model.lorakit_adapters = {**adapter_configs(model), adapter_name: resolved}
+    freeze_base(model)
     set_adapter(model, adapter_name)
     return targets
 
 
 def modules_to_save(model: nn.Module, adapter_name: str) -> list[str]:
-    """Full names of the modules `adapter_name` trains in full."""
-    return _find_modules_to_save(model, adapter_configs(model)[adapter_name].modules_to_save)
+    """Full names of the modules `adapter_name` trains in full (its copies live in `<name>.modules_to_save`)."""
+    return [name for name, module in saved_modules(model) if adapter_name in module.modules_to_save]
 
 
-def _check_save_owners(model: nn.Module, save_names: list[str], adapter_name: str) -> None:
-    # NOTE: a module trained in full exists once (PEFT keeps a copy per adapter); two adapters that
-    # both train it would overwrite each other's weights, so that is refused instead.
-    for other in adapter_configs(model):
-        shared = sorted(set(save_names) & set(modules_to_save(model, other)))
-        if shared:
-            raise ValueError(
-                f"adapter {adapter_name!r} trains {shared} in full, but adapter {other!r} already does; lorakit keeps "
-                "one copy of a fully trained module, so load the second adapter into its own model instance"
-            )
+def resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
+    """Full module names for `lora.modules_to_save` (None: the classifier head of a sequence classifier);
+    warns when a sequence classifier would train, and so save, no head."""
+    found = classifier_head(model) if names is None else _find_modules_to_save(model, names)
+    found = [n for n in found if not any(n.startswith(f"{outer}.") for outer in found)]  # outermost only
+    for name in found:
+        module = model.get_submodule(name)
+        if isinstance(module, LoraLinear) or any(isinstance(m, LoraLinear) for m in module.modules()):
+            raise ValueError(f"lora.modules_to_save entry {name!r} carries LoRA layers of another adapter; a module "
+                             "trained in full cannot also be LoRA-adapted -- load this adapter into its own model")
+    if is_sequence_classifier(model) and not carries_head(model, found):
+        heads = classifier_head(model)
+        fix = (f"Leave lora.modules_to_save unset (null) to train and save {heads}, as PEFT's task_type=SEQ_CLS does."
+               if heads else "Name the module that computes the logits in lora.modules_to_save.")
+        log.warning("lora.modules_to_save=%s trains no classification head of this %s: the adapter will not carry one, "
+                    "so its predictions depend on the base's head -- random whenever the base was not trained for this "
+                    "task. %s", names, type(model).__name__, fix)
+    return found
+
+
+def _targets_outside(targets: list[str], save_names: list[str], config: LoraConfig) -> list[str]:
+    """The LoRA targets not inside a module trained in full (PEFT skips those too)."""
+    inside = tuple(f"{n}." for n in save_names)
+    kept = [t for t in targets if t not in save_names and not t.startswith(inside)]
+    if not kept:
+        raise ValueError(f"lora.target_modules {config.target_modules!r} matched only layers inside the modules trained "
+                         f"in full ({save_names}); target layers outside them, or change lora.modules_to_save")
+    return kept
 
 
 def _find_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
     found = []
-    module_names = [n for n, _ in model.named_modules()]
+    module_names = [n for n, _ in model.named_modules() if base_name(n) == n]
     for wanted in names:
         hits = [n for n in module_names if _suffix_match(n, wanted)]
         if not hits:
             heads = [n for n in module_names if n.rsplit(".", 1)[-1] in OUTPUT_HEADS]
             raise ValueError(f"lora.modules_to_save entry {wanted!r} matched no module; heads here: {heads}")
-        found += hits
+        found += [n for n in hits if n not in found]
     return found
 
 
-def freeze_base(model: nn.Module, trainable_modules: Sequence[str] = ()) -> None:
-    """requires_grad only on LoRA factors and on modules trained in full (e.g. a classifier head)."""
+def freeze_base(model: nn.Module) -> None:
+    """requires_grad only on LoRA factors and on copies of modules trained in full (`set_adapter` then
+    leaves only the active adapter's trainable)."""
     for name, param in model.named_parameters():
-        param.requires_grad = ".lora_A." in name or ".lora_B." in name
-    for name in trainable_modules:
-        for param in model.get_submodule(name).parameters():
-            param.requires_grad = True
-    model.lorakit_modules_to_save = list(trainable_modules)
+        param.requires_grad = ".lora_A." in name or ".lora_B." in name or ".modules_to_save." in name
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -415,12 +606,9 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
-    """Make `name` the adapter every wrapped layer applies, and (as in PEFT) the one whose factors
-    are trainable; the other adapters' factors get requires_grad=False.
-
-    NOTE: a module trained in full (modules_to_save) is not per adapter: it applies whichever adapter
-    is active, and `adapters_disabled` does not restore the base head (PEFT keeps a copy; we do not).
-    """
+    """Make `name` the adapter every wrapped layer applies, and (as in PEFT) the one whose factors and
+    module copies are trainable; the other adapters' get requires_grad=False. A module `name` does not
+    train in full computes with the base's own weights."""
     if name not in adapter_configs(model):
         raise ValueError(f"no adapter named {name!r}; adapters here: {list(adapter_configs(model))}")
     for _, layer in lora_layers(model):
@@ -428,12 +616,15 @@ def set_adapter(model: nn.Module, name: str) -> None:
         for store in (layer.lora_A, layer.lora_B):
             for adapter, factor in store.items():
                 factor.requires_grad_(adapter == name)
+    for _, saved in saved_modules(model):
+        saved.set_adapter(name)
 
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Inside this block the model computes the base output (adapters skipped, not removed)."""
-    layers = [layer for _, layer in lora_layers(model)]
+    """Inside this block the model computes the base output (adapters skipped, not removed; modules trained
+    in full compute with the base's own weights, as PEFT's ModulesToSaveWrapper does)."""
+    layers = [layer for _, layer in lora_layers(model)] + [saved for _, saved in saved_modules(model)]
     previous = [layer.disabled for layer in layers]
     for layer in layers:
         layer.disabled = True
@@ -445,24 +636,74 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def adapter_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
-    """Row i of every batch inside this block uses adapter names[i] (None = base model)."""
+def adapter_rows(model: nn.Module, names: Sequence[str | None], grouped: bool = True) -> Iterator[None]:
+    """Row i of every batch inside this block uses adapter names[i] (None = base model).
+
+    `grouped=False` runs the reference per-adapter loop (`LoraLinear._forward_rows_reference`) instead of
+    the grouped matmuls; the results agree to rounding.
+    """
     unknown = sorted({n for n in names if n is not None} - set(adapter_configs(model)))
     if unknown:
         raise ValueError(f"unknown adapter(s) {unknown}; adapters here: {list(adapter_configs(model))}")
-    layers = [layer for _, layer in lora_layers(model)]
-    merged = sorted({a for layer in layers for a in layer.merged_adapters})
+    found = _RowLayers.of(model)
+    merged = sorted({a for layer in found.layers for a in layer.merged_adapters})
     if merged:
         raise RuntimeError(f"adapter(s) {merged} are merged into the base weights; unmerge them before adapter_rows")
-    index: dict[tuple[str, torch.device], torch.Tensor] = {}
-    for layer in layers:
-        layer.row_adapters = [n if n in layer.lora_A else None for n in names]
-        layer.row_index = index
+    layers = []
+    for held, group in found.groups:
+        plan = found.plan(tuple(n if n in held else None for n in names), grouped)
+        for layer in group:
+            layer.row_plan = plan
+        layers += group
+    saved = [module for _, module in saved_modules(model)]
+    for module in saved:
+        module.row_adapters = list(names)
     try:
         yield
     finally:
         for layer in layers:
-            layer.row_adapters, layer.row_index = None, {}
+            layer.row_plan = None
+        for module in saved:
+            module.row_adapters = None
+
+
+class _RowLayers:
+    """The LoRA layers of a model grouped by the adapters they hold, and recent RowPlans: what `adapter_rows`
+    would otherwise recompute (a walk over every module) on each decode step. Cached on the model and
+    valid while `model.lorakit_adapters` is the same dict: inject_lora, delete_adapter and merging replace it.
+    NOTE: wrapping or unwrapping layers by hand, outside lorakit.lora, is not seen; call
+    `_RowLayers.forget(model)` after such surgery."""
+
+    MAX_PLANS = 64
+
+    def __init__(self, model: nn.Module):
+        self.configs = getattr(model, "lorakit_adapters", None)
+        self.layers = [layer for _, layer in lora_layers(model)]
+        groups: dict[frozenset[str], list[LoraLinear]] = {}
+        for layer in self.layers:
+            groups.setdefault(frozenset(layer.lora_A.keys()), []).append(layer)
+        self.groups = list(groups.items())
+        self.plans: dict[tuple[tuple[str | None, ...], bool], RowPlan] = {}
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _RowLayers:
+        found = model.__dict__.get("_lorakit_row_layers")
+        if found is None or found.configs is not getattr(model, "lorakit_adapters", None):
+            found = cls(model)
+            model.__dict__["_lorakit_row_layers"] = found  # a plain attribute, not a submodule
+        return found
+
+    @staticmethod
+    def forget(model: nn.Module) -> None:
+        model.__dict__.pop("_lorakit_row_layers", None)
+
+    def plan(self, names: tuple[str | None, ...], grouped: bool) -> RowPlan:
+        plan = self.plans.get((names, grouped))
+        if plan is None:
+            if len(self.plans) >= self.MAX_PLANS:
+                self.plans.clear()
+            plan = self.plans[(names, grouped)] = RowPlan(names, grouped)
+        return plan
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -478,6 +719,12 @@ def delete_adapter(model: nn.Module, name: str) -> None:
                 del store[name]
         layer.scaling.pop(name, None)
         layer.active_adapters = [n for n in layer.active_adapters if n != name]
+        layer.stacks.clear()
+    for module_name, saved in list(saved_modules(model)):
+        if name in saved.modules_to_save:
+            saved.remove_adapter(name)
+        if not len(saved.modules_to_save):  # no adapter trains it any more: the base's own module again
+            _replace_module(model, module_name, saved.original_module)
     del configs[name]
     model.lorakit_adapters = configs
 
@@ -487,8 +734,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; a 4-bit layer counts its logical in×out weights."""
-    from lorakit.quant.linear import NF4Linear
-
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
@@ -514,8 +759,6 @@ def merge_lora_weights(model: nn.Module, remove_wrappers: bool = True) -> nn.Mod
     dequantized too, so the result holds no NF4 buffers that transformers could not load.
     Without `remove_wrappers` the wrappers stay so that `unmerge_lora_weights` can undo the merge.
     """
-    from lorakit.quant.linear import NF4Linear
-
     quantized = 0
     for name, layer in list(lora_layers(model)):
         if isinstance(layer.base_layer, NF4Linear):
@@ -533,6 +776,8 @@ def merge_lora_weights(model: nn.Module, remove_wrappers: bool = True) -> nn.Mod
         if remove_wrappers:
             _replace_module(model, name, layer.base_layer)
     if remove_wrappers:
+        for name, saved in list(saved_modules(model)):  # the active adapter's trained copy replaces the original
+            _replace_module(model, name, saved.active_module())
         plain = _dequantize_remaining(model)
         if quantized or plain:
             log.warning(
@@ -540,15 +785,12 @@ def merge_lora_weights(model: nn.Module, remove_wrappers: bool = True) -> nn.Mod
                 "%d 4-bit layers without an adapter were dequantized too", quantized, _model_dtype(model), plain,
             )
         model.lorakit_adapters = {}
-        model.lorakit_modules_to_save = []
         for param in model.parameters():
             param.requires_grad = False
     return model
 
 
 def _dequantize_remaining(model: nn.Module) -> int:
-    from lorakit.quant.linear import NF4Linear
-
     names = [name for name, module in model.named_modules() if isinstance(module, NF4Linear)]
     for name in names:
         _replace_module(model, name, model.get_submodule(name).dequantized_layer(dtype=_model_dtype(model)))

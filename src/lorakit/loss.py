@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.data import model_inputs
 from lorakit.quant.linear import CastLinear
+from lorakit.runtime.distributed import unwrap
 
 # Architectures whose causal-LM logits are exactly output_embeddings(final hidden states), nothing after.
 # NOTE: an allowlist on purpose: e.g. Gemma 2 soft-caps, Cohere and Granite scale the logits after the
@@ -39,6 +41,31 @@ FUSED_MODEL_TYPES = frozenset({
     "gpt_neox", "gemma", "olmo", "olmo2", "starcoder2", "stablelm", "smollm3",
 })  # fmt: skip
 ROW_CHUNK_BYTES = 32 * 2**20  # fp32 logits per chunk: 32 MiB (256 rows of a 32k vocabulary)
+
+
+def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """How many positions carry a loss: (B,) class labels count one per row; (B, T) token labels count
+    labels[:, 1:] != -100 (position t predicts token t+1)."""
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return labels.numel()
+    return int((labels[:, 1:] != -100).sum())
+
+
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], inner: nn.Module | None = None) -> torch.Tensor:
+    """Σ of the loss over supervised positions of one collated batch: the one cross-entropy that training,
+    eval and classifiers share (divide by `supervised_tokens(batch)` for the mean).
+
+    Token labels (B, T): `causal_lm_loss_sum`, so the (B, T, V) logits are never made. Class labels (B,):
+    the model's own loss (cross-entropy, or MSE for a 1-label regression head) times B. `inner` is the model
+    inside a DDP wrapper `model` (default: unwrapped from it); the forward goes through `model`.
+    """
+    inner = unwrap(model) if inner is None else inner
+    inputs = model_inputs(batch, inner)
+    labels = batch["labels"].to(inner.get_input_embeddings().weight.device)
+    if labels.dim() == 1:
+        return model(**inputs, labels=labels).loss * labels.numel()
+    return causal_lm_loss_sum(model, inputs, labels, inner=inner)
 
 
 def causal_lm_loss_sum(

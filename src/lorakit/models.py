@@ -1,8 +1,11 @@
-"""Load a transformers model and tokenizer from a hub id or a local directory.
+"""Load a base model: `load_base` is the one loader every command uses (train, eval, serve, merge, generate).
 
-`base_model: demo` resolves to the built-in tiny Llama (built once, cached) so that the quickstart
-runs offline. Any other value goes to transformers' `from_pretrained`, which reads a local directory
-or downloads from the hub -- the same code path either way, so tests cover it with local directories.
+    load_base(name) = tokenizer + model in the compute dtype on the device
+                      [+ NF4 4-bit linears when `quant` is given] [+ a saved adapter]
+
+`base_model` goes to transformers' `from_pretrained`, which reads a local directory or downloads from the
+hub -- the same code path either way, so tests cover it with local directories. (The built-in demo is an
+application of the library: entry points turn `base_model: demo` into its directory before calling here.)
 """
 
 from __future__ import annotations
@@ -14,26 +17,20 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lorakit.adapters import adapter_num_labels, load_lora_adapter
+from lorakit.config import QuantConfig
 from lorakit.errors import ModelLoadError
+from lorakit.quant.stream import load_quantized_model
 
 log = logging.getLogger(__name__)
 
 
 
 
-def resolve_base(base_model: str) -> str:
-    """'demo' -> the cached built-in demo model directory (built on first use); else unchanged."""
-    if base_model == "demo":
-        from lorakit.demo import ensure_demo_model
-
-        return str(ensure_demo_model())
-    return base_model
-
-
 def load_tokenizer(base_model: str, revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
-    path = resolve_base(base_model)
+    path = base_model
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as e:
@@ -56,7 +53,7 @@ def load_model(
     """A transformers model in `dtype` on `device`, in eval mode (training turns train mode on)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    path = resolve_base(base_model)
+    path = base_model
     cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
     kwargs: dict[str, Any] = {"dtype": dtype, "revision": revision}
     if task == "seq_cls" and num_labels:
@@ -65,9 +62,14 @@ def load_model(
         model = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(_not_found(base_model, "model", e)) from None
+    _default_pad_token(model, task)
+    return model.to(device).eval()
+
+
+def _default_pad_token(model: nn.Module, task: str) -> None:
+    """A classifier pools the last non-pad token, so it needs a pad id; EOS stands in (as in training)."""
     if task == "seq_cls" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = model.config.eos_token_id
-    return model.to(device).eval()
 
 
 def _not_found(base_model: str, what: str, error: Exception) -> str:
@@ -78,3 +80,38 @@ def _not_found(base_model: str, what: str, error: Exception) -> str:
         "Check the name, log in with `hf auth login` for gated models, or pass a local directory; "
         "offline, use base_model: demo."
     )
+
+
+def load_dtype(method: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the weights are loaded in: the compute dtype, except full fine-tuning on a CPU, whose
+    trainable weights stay fp32 masters (AdamW updates in 16 bits lose most small steps)."""
+    if method == "full" and dtype != torch.float32 and torch.device(device).type == "cpu":
+        return torch.float32
+    return dtype
+
+
+def load_base(
+    base_model: str,
+    *,
+    task: Literal["causal_lm", "seq_cls"] = "causal_lm",
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    revision: str | None = None,
+    num_labels: int | None = None,
+    quant: QuantConfig | None = None,
+    adapter: str | Path | None = None,
+    progress: bool = False,
+) -> tuple[nn.Module, Any]:
+    """(model, tokenizer): the base in `dtype` on `device`, eval mode; its linears in NF4 when `quant` is
+    given (QLoRA, `serve --quant nf4`); a saved PEFT-format `adapter` directory attached when given."""
+    tokenizer = load_tokenizer(base_model, revision)
+    if task == "seq_cls" and num_labels is None and adapter is not None:  # the head the adapter was trained with
+        num_labels = adapter_num_labels(adapter)
+    if quant is None:
+        model = load_model(base_model, task, dtype, device, revision, num_labels)
+    else:  # quantized while loading: the full-precision model never exists (peak ≈ 4-bit model + one tensor)
+        model = load_quantized_model(base_model, task, quant, dtype, device, num_labels, revision, progress=progress)
+        _default_pad_token(model, task)
+    if adapter is not None:
+        load_lora_adapter(model, adapter)
+    return model, tokenizer

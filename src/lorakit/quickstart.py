@@ -11,12 +11,17 @@ says where everything went.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 
+from lorakit.adapters import export_merged, read_chat_template
+from lorakit.api import train_lora
 from lorakit.demo import demo_run_config, ensure_demo_model
-from lorakit.train import format_summary, train_lora
+from lorakit.eval import evaluate_run
+from lorakit.generate import GenerationConfig, generate, render_chat_prompt
+from lorakit.train import format_summary
 
 
 def _say(text: str) -> None:
@@ -58,23 +63,15 @@ def run_quickstart(output_dir: Path, steps: int | None = None, progress: bool = 
 
 
 def _evaluate(config, result):
-    from lorakit.evaluate import evaluate_run
-
     return evaluate_run(config, result.adapter_dir, Path(config.output_dir) / "eval",
                         model=result.model, tokenizer=result.tokenizer, progress=False)
 
 
 def _merge_and_generate(result, merged_dir: Path, config) -> tuple[Path, str, str]:
-    import json
-
-    from lorakit.adapters import TEMPLATE_FILE, export_merged
-    from lorakit.generate import GenerationConfig, generate, render_chat_prompt
-
     export_merged(result.model, merged_dir, result.tokenizer)
     eval_path = Path(config.data.eval)
     messages = json.loads(eval_path.read_text(encoding="utf-8").splitlines()[0])["messages"]
-    template_path = result.adapter_dir / TEMPLATE_FILE
-    template = template_path.read_text(encoding="utf-8") if template_path.is_file() else None
+    template = read_chat_template(result.adapter_dir)
     prompt = render_chat_prompt(result.tokenizer, [m for m in messages if m["role"] != "assistant"], template)
     answer = generate(result.model, result.tokenizer, [prompt], GenerationConfig(max_new_tokens=24))[0]
     user = next(m["content"] for m in messages if m["role"] == "user")

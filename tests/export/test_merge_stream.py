@@ -11,7 +11,7 @@ from conftest import batch, build_tiny, randomize_lora
 from lorakit.adapters import export_merged, load_lora_adapter, save_lora_adapter
 from lorakit.config import LoraConfig, QuantConfig
 from lorakit.errors import AdapterError
-from lorakit.export import merge_adapter_streaming
+from lorakit.export.merge_stream import merge_adapter_streaming
 from lorakit.lora import inject_lora
 from lorakit.models import load_model
 from lorakit.quant import quantize_model

@@ -62,6 +62,7 @@ class Example:
     input_ids: list[int]
     labels: list[int] | int  # an int class id for seq_cls
     origin: str = ""
+    token_type_ids: list[int] | None = None  # seq_cls with a tokenizer that makes them (BERT: 0 = text, 1 = pair)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -157,7 +158,7 @@ def _learned(text: str, s: int, e: int, a: int, b: int) -> bool:
 def encode_record(record: Record, tokenizer: Any, template: str | None, train_on: str = "assistant") -> Example:
     """A Record as token ids with the loss mask of `train_on` (assistant | all)."""
     if record.label is not None:  # classification: the whole text in, one class out
-        return Example(tokenizer(record.response)["input_ids"], record.label, record.origin)
+        return encode_classification(record, tokenizer)
     if record.format == "chat":
         text, spans = chat_spans(tokenizer, record.messages, template, record.origin)
         ids, labels = tokenize_spans(tokenizer, text, spans, train_on == "all")
@@ -168,6 +169,16 @@ def encode_record(record: Record, tokenizer: Any, template: str | None, train_on
         return Example(prompt + response, [IGNORE] * len(prompt) + response, record.origin)
     labels = list(prompt) if train_on == "all" else [IGNORE] * len(prompt)
     return Example(prompt + response, labels + response, record.origin)
+
+
+def encode_classification(record: Record, tokenizer: Any, max_len: int | None = None) -> Example:
+    """A classification row framed by the tokenizer itself, no chat template: `[CLS] text [SEP]`, or
+    `[CLS] text [SEP] text_pair [SEP]` with token_type_ids 0…0 1…1 for an encoder; BOS + text for a decoder.
+    With `max_len` the tokenizer truncates (longest text first), keeping the closing [SEP]."""
+    cut = {"truncation": "longest_first", "max_length": max_len} if max_len else {}
+    enc = tokenizer(record.response, record.text_pair, **cut)
+    types = enc.get("token_type_ids")
+    return Example(list(enc["input_ids"]), record.label, record.origin, list(types) if types is not None else None)
 
 
 def _bos(tokenizer: Any) -> list[int]:

@@ -1,5 +1,2 @@
-"""Exports of a trained adapter: merged transformers checkpoints (shard-streamed)."""
-
-from lorakit.export.merge_stream import merge_adapter_streaming
-
-__all__ = ["merge_adapter_streaming"]
+"""Deploy a trained run outside lorakit: GGUF files for llama.cpp and Ollama (`lorakit export`), and merged
+transformers checkpoints written shard by shard (`merge_adapter_streaming`)."""

@@ -30,10 +30,10 @@ from typing import Literal
 
 import torch
 
-from lorakit.adapters import CONFIG_FILE, _read_tensors, _split_keys, read_adapter_config
+from lorakit.adapters import CONFIG_FILE, read_adapter_config, read_adapter_tensors, split_adapter_keys
 from lorakit.config import LoraConfig, QuantConfig
 from lorakit.errors import AdapterError
-from lorakit.quant.linear import _find_targets
+from lorakit.quant.linear import quant_targets
 from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4
 from lorakit.quant.safetensors_io import (
     INDEX_NAME,
@@ -87,7 +87,7 @@ def merge_adapter_streaming(
 def _adapter_updates(adapter_dir: Path) -> dict:
     """{module: (A, B, scaling)} plus "__full__": {tensor name: tensor} for modules trained in full."""
     config = read_adapter_config(adapter_dir)
-    lora, full = _split_keys(_read_tensors(adapter_dir), adapter_dir)
+    lora, full = split_adapter_keys(read_adapter_tensors(adapter_dir), adapter_dir)
     scaling = LoraConfig(
         r=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)), use_rslora=bool(config.get("use_rslora"))
     ).scaling
@@ -104,7 +104,7 @@ def _weight_kinds(base_path: Path, task: str, quant_config: QuantConfig) -> tupl
     from transformers.pytorch_utils import Conv1D
 
     model = empty_model(base_path, task, None, torch.float32)
-    targets, _ = _find_targets(model, quant_config.skip_modules)
+    targets, _ = quant_targets(model, quant_config.skip_modules)
     conv1d = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Conv1D)}
     return {f"{t}.weight" for t in targets}, conv1d
 

@@ -209,6 +209,8 @@ class NF4Linear(nn.Module):
     `conv1d` records that the weight came from a GPT-2 Conv1D, so that `dequantized_layer` gives one back.
     """
 
+    fsdp_shardable_buffers = ("packed", "qabsmax")  # uint8, 1-D: the bulk of a 4-bit weight; FSDP2 shards them
+
     def __init__(
         self, state: NF4State, bias: torch.Tensor | None, compute_dtype: torch.dtype, conv1d: bool = False
     ):
@@ -324,7 +326,7 @@ def quantize_model(
     """
     from tqdm.auto import tqdm
 
-    targets, linear_names = _find_targets(model, config.skip_modules)
+    targets, linear_names = quant_targets(model, config.skip_modules)
     if not targets:
         raise _nothing_to_quantize(model, config, linear_names)
     for name in tqdm(targets, desc="quantizing to nf4", unit="layer", disable=not progress, leave=False):
@@ -364,7 +366,7 @@ def _release_checkpoint_mapping(model: nn.Module) -> None:
                     setattr(module, name, buffers.setdefault(id(buf), buf.clone()))
 
 
-def _find_targets(model: nn.Module, skip: list[str]) -> tuple[list[str], list[str]]:
+def quant_targets(model: nn.Module, skip: list[str]) -> tuple[list[str], list[str]]:
     """(names to quantize, names of all linear layers), both as full module names."""
     from transformers.pytorch_utils import Conv1D
 

@@ -47,7 +47,7 @@ from torch import nn
 
 from lorakit.config import QuantConfig
 from lorakit.errors import ModelLoadError
-from lorakit.quant.linear import CastLinear, NF4Linear, _find_targets
+from lorakit.quant.linear import CastLinear, NF4Linear, quant_targets
 from lorakit.quant.nf4 import QUANT_CHUNK, quantize_nf4
 from lorakit.quant.safetensors_io import CheckpointError, CheckpointFiles, TensorInfo, read_tensor
 
@@ -86,7 +86,7 @@ def load_quantized_model(
     device = torch.device(device)
     checkpoint = CheckpointFiles.open(checkpoint_dir(path_or_dir, revision))
     model = empty_model(checkpoint.directory, task, num_labels, compute_dtype)
-    targets, _ = _find_targets(model, quant_config.skip_modules)
+    targets, _ = quant_targets(model, quant_config.skip_modules)
     plan = _Plan.make(model, checkpoint, set(targets))
     info = StreamedLoad(compute_dtype=str(compute_dtype).removeprefix("torch."), ignored_keys=plan.ignored)
     loader = _Loader(model, plan, quant_config, compute_dtype, device, storage_dtype, info)

@@ -160,6 +160,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """The files of one checkpoint, read on rank 0 and broadcast to the others."""
     files = None

@@ -28,7 +28,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -36,9 +36,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lorakit.config import ConfigError
+from lorakit.runtime.devices import pick_device
+
 T = TypeVar("T")
 
-NF4_SHARDED_STORAGE = ("packed", "qabsmax")  # uint8, 1-D: the bulk of a 4-bit weight
 
 
 # --------------------------------------------------------------------------- ranks
@@ -77,14 +79,10 @@ def restarted() -> bool:
 
 def pick_rank_device(name: str) -> torch.device:
     """The device of this rank: cuda:LOCAL_RANK under a CUDA launch, else the configured one."""
-    from lorakit.runtime.devices import pick_device
-
     device = pick_device(name)
     if not launched() or device.type == "cpu":
         return device
     if device.type != "cuda":
-        from lorakit.config import ConfigError
-
         raise ConfigError([f"train.device {name!r} resolved to {device}, but multi-process training runs on CUDA "
                            f"(nccl) or CPU (gloo); set train.device: cuda or cpu"])
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -176,14 +174,13 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    shardable_nf4_storage(model)
+    nf4 = shardable_nf4_storage(model)
     mesh = init_device_mesh(device.type, (world_size(),))
     block_types = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in block_types]
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    nf4 = sum(n.rsplit(".", 1)[-1] in NF4_SHARDED_STORAGE for n, _ in model.named_parameters())
     if is_main():
         print(f"FSDP2: {len(blocks)} blocks + the root sharded over {world_size()} ranks "
               f"({nf4} NF4 storage tensors among them)", file=sys.stderr)
@@ -203,15 +200,12 @@ def reshard(model: nn.Module) -> None:
 def shardable_nf4_storage(model: nn.Module) -> int:
     """Re-register each NF4Linear's uint8 codes as frozen parameters (FSDP shards parameters, not buffers).
 
-    The fp32 scales (absmax, absmax2, offset: 1/64 the size of the codes with double quantization) stay
-    replicated buffers. Returns how many tensors were moved."""
-    from lorakit.quant.linear import NF4Linear
-
+    A module names such buffers in its `fsdp_shardable_buffers` class attribute (NF4Linear: the codes),
+    so this foundation needs no import of the layer. The fp32 scales (absmax, absmax2, offset: 1/64 the
+    size of the codes with double quantization) stay replicated buffers. Returns how many tensors moved."""
     moved = 0
     for module in model.modules():
-        if not isinstance(module, NF4Linear):
-            continue
-        for name in NF4_SHARDED_STORAGE:
+        for name in getattr(module, "fsdp_shardable_buffers", ()):
             tensor = dict(module.named_buffers(recurse=False)).get(name)
             if tensor is None:
                 continue
@@ -318,7 +312,7 @@ def resume_hint(last_checkpoint: Path | None) -> str:
     return f"The last checkpoint is {last_checkpoint}; rerun the same command with --resume to continue from it."
 
 
-def relaunch(nproc: int, child_argv: list[str], output_dir: Path) -> int:
+def relaunch(nproc: int, child_argv: list[str], last_checkpoint: Callable[[], Path | None]) -> int:
     """`lorakit train --nproc N`: run `python -m lorakit <child_argv>` on N local ranks via torch.distributed.run.
 
     Returns the exit status; when a rank fails, prints which one and how, and how to resume."""
@@ -329,7 +323,7 @@ def relaunch(nproc: int, child_argv: list[str], output_dir: Path) -> int:
     try:
         run(args)
     except ChildFailedError as e:
-        print(f"error: {failure_summary(e)} {resume_hint(_last_checkpoint(output_dir))}", file=sys.stderr)
+        print(f"error: {failure_summary(e)} {resume_hint(last_checkpoint())}", file=sys.stderr)
         return 1
     return 0
 
@@ -361,10 +355,3 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
-
-
-def _last_checkpoint(output_dir: Path) -> Path | None:
-    from lorakit.runtime.checkpoint import list_checkpoints
-
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
