@@ -148,7 +148,7 @@ def eight_b_lines(run: dict) -> list[str]:
     rs = rows(run, kind="step", stack="lorakit-qlora")
     errors = [r for r in run["results"] if "error" in r]
     if not rs:
-        why = errors[0]["error"][-300:] if errors else run.get("note", "no result")
+        why = run.get("note") or (errors[0]["error"][-300:] if errors else "no result")
         return [f"- 8B QLoRA steps at 1 × 256 with checkpointing: not completed ({why})"]
     r = rs[0]
     return [f"- {len(r['step_times'])} timed step(s) after 1 warmup at 1 × 256, checkpointing on: "
