@@ -23,6 +23,7 @@ merged and appended to its file, then dropped:
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -150,8 +151,6 @@ def _write_shard(src: Path, dst: Path, updates: dict, full: dict, kinds: tuple[s
 def _write_extra(checkpoint: CheckpointFiles, tmp: Path, extra: dict[str, torch.Tensor]) -> None:
     """Trained modules the base lacks: one more shard (in the dtype of the base's largest tensor, as the
     in-memory merge casts them to the model's dtype), and an index that names it."""
-    import json
-
     largest = max(checkpoint.tensors.values(), key=lambda info: info.nbytes)
     extra = {k: t.to(largest.dtype) if t.is_floating_point() else t for k, t in extra.items()}
     layout = [(name, t.dtype, tuple(t.shape)) for name, t in extra.items()]
