@@ -192,6 +192,7 @@ def _trainer(spec: dict):
 
 
 def worker_step(spec: dict) -> dict:
+    """One load, then for each seq in spec["seqs"]: warmup + timed steps; the no-grad forward at 1 x 64."""
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model, loss_fn = _trainer(spec)
@@ -199,20 +200,22 @@ def worker_step(spec: dict) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
-    times, loads = [], []
-    for i in range(spec["warmup"] + spec["steps"]):
-        ids = torch.randint(3, spec["vocab"], (1, spec["seq"]), generator=g)  # (1, T)
-        start = time.perf_counter()
-        loss = loss_fn(ids)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= spec["warmup"]:
-            times.append(time.perf_counter() - start)
-            loads.append(load_1min())
-    out = {"step_times": times, "step_s": statistics.median(times), "load_s": load_s, "load_peak_rss": load_peak,
-           "peak_rss": vm_hwm(), "loss": float(loss), "step_load_1min": loads}
+    out: dict = {"load_s": load_s, "load_peak_rss": load_peak, "per_seq": {}}
+    for seq in spec["seqs"]:
+        times, loads = [], []
+        for i in range(spec["warmup"] + spec["steps"][str(seq)]):
+            ids = torch.randint(3, spec["vocab"], (1, seq), generator=g)  # (1, T)
+            start = time.perf_counter()
+            loss = loss_fn(ids)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i >= spec["warmup"]:
+                times.append(time.perf_counter() - start)
+                loads.append(load_1min())
+        out["per_seq"][str(seq)] = {"step_times": times, "step_s": statistics.median(times), "peak_rss": vm_hwm(),
+                                    "loss": float(loss), "step_load_1min": loads}
     if spec.get("forward"):
         model.eval()
         ids = torch.randint(3, spec["vocab"], (1, 64), generator=g)
@@ -304,7 +307,7 @@ def run_worker(spec: dict, timeout: float = 3600) -> dict:
         result = json.loads(lines[-1][7:]) if out.returncode == 0 and lines else {"error": out.stderr[-2000:]}
     except subprocess.TimeoutExpired:
         result = {"error": f"timed out after {timeout} s"}
-    result = {**{k: spec[k] for k in ("kind", "stack", "seq") if k in spec}, **result,
+    result = {**{k: spec[k] for k in ("kind", "stack") if k in spec}, **result,
               "load_1min": [before, load_1min()]}
     print(json.dumps({k: v for k, v in result.items() if k not in ("micro_all", "step_load_1min")}),
           file=sys.stderr, flush=True)
@@ -312,17 +315,27 @@ def run_worker(spec: dict, timeout: float = 3600) -> dict:
 
 
 def plan(args: argparse.Namespace) -> list[list[dict]]:
-    """Groups of measurements; within a group the stacks alternate in order from one repetition to the next."""
-    if args.model == "8b":
-        return [[{"kind": "load", "stack": "lorakit"}],
-                [{"kind": "step", "stack": "lorakit-qlora", "seq": 256, "steps": args.steps_8b, "warmup": 1}]]
-    groups = [[{"kind": "load", "stack": s} for s in ("lorakit", "peft")]]
-    for seq in args.seqs:
-        stacks = ["lorakit-qlora", "lorakit-lora", "peft-qlora"] + (["lorakit-qlora-bf16"] if args.bf16 else [])
-        groups.append([{"kind": "step", "stack": s, "seq": seq, "steps": args.steps, "warmup": 1,
-                        "forward": seq == 64} for s in stacks])
-    groups.append([{"kind": "micro", "micro_repeats": 5}])
-    return groups
+    """Groups of measurements; within a group the stacks alternate in order from one repetition to the next.
+    A step process loads once and runs every seq (the loads dominate on a busy 2-core machine)."""
+    steps = {str(seq): (args.steps if seq <= 64 else args.steps_long) for seq in args.seqs}
+    if args.model == "8b":  # the load peak is the step process's VmHWM before its first step
+        return [[{"kind": "step", "stack": "lorakit-qlora", "seqs": [256], "steps": {"256": args.steps_8b},
+                  "warmup": 1}]]
+    stacks = ["lorakit-qlora", "lorakit-lora", "peft-qlora"] + (["lorakit-qlora-bf16"] if args.bf16 else [])
+    groups = [[{"kind": "step", "stack": s, "seqs": args.seqs, "steps": steps, "warmup": 1, "forward": True}
+               for s in stacks]]
+    if args.loads:
+        groups.insert(0, [{"kind": "load", "stack": s} for s in ("lorakit", "peft")])
+    return groups + [[{"kind": "micro", "micro_repeats": 5}]]
+
+
+def split_steps(result: dict) -> list[dict]:
+    """One row per seq from a multi-seq step process (kind, stack, seq, step_times, ...)."""
+    if result.get("kind") != "step" or "per_seq" not in result:
+        return [result]
+    base = {k: v for k, v in result.items() if k != "per_seq"}
+    return [{**base, "seq": int(seq), **fig, "forward_s": base.get("forward_s") if int(seq) == 64 else None}
+            for seq, fig in result["per_seq"].items()]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -330,20 +343,27 @@ def run(args: argparse.Namespace) -> dict:
     if not (model_dir / "model.safetensors.index.json").is_file():
         make_model(args.model, args.dir)
     base = {"model_dir": str(model_dir), "vocab": MODELS[args.model]["vocab_size"]}
-    results, started = [], time.time()
+    out = {"model": args.model, "config": MODELS[args.model], "command": command_line(), "machine": machine(),
+           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": 0.0, "results": []}
+    started = time.time()
+
+    def record(result: dict, repeat: int) -> None:  # written after every process: a cut-short run keeps its rows
+        out["results"] += [{**r, "repeat": repeat} for r in split_steps(result)]
+        out["wall_s"] = time.time() - started
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
+
     for repeat in range(args.repeats):
         for group in plan(args):
             for item in group if repeat % 2 == 0 else group[::-1]:
-                results.append({**run_worker({**base, **item}), "repeat": repeat})
-    if args.model == "1b":
+                record(run_worker({**base, **item}), repeat)
+    if args.model == "1b" and args.merge:
         adapter = make_adapter(model_dir, args.dir / "adapter-1b")
         spec = {**base, "adapter_dir": str(adapter), "out_dir": str(args.dir / "merged-1b")}
         for repeat in range(args.repeats):
-            results.append({**run_worker({**spec, "kind": "merge"}), "repeat": repeat})
-        results.append({**run_worker({**spec, "kind": "merge_check"}), "repeat": 0})
-    return {"model": args.model, "config": MODELS[args.model], "command": command_line(), "machine": machine(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)), "wall_s": time.time() - started,
-            "results": results}
+            record(run_worker({**spec, "kind": "merge"}), repeat)
+        record(run_worker({**spec, "kind": "merge_check"}), 0)
+    return out
 
 
 def command_line() -> str:
@@ -368,8 +388,11 @@ def main() -> None:
     r.add_argument("--dir", type=Path, default=Path("/work/bench-models"))
     r.add_argument("--repeats", type=int, default=2)
     r.add_argument("--seqs", type=int, nargs="+", default=[64, 512])
-    r.add_argument("--steps", type=int, default=2, help="timed steps per process (after one warmup)")
+    r.add_argument("--steps", type=int, default=2, help="timed steps at seq <= 64 per process (after one warmup)")
+    r.add_argument("--steps-long", type=int, default=1, help="timed steps at longer seqs")
     r.add_argument("--steps-8b", type=int, default=2)
+    r.add_argument("--loads", action=argparse.BooleanOptionalAction, default=True, help="the load-only processes")
+    r.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True)
     r.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="also QLoRA with bf16 compute")
     r.add_argument("--json", type=Path, required=True)
     rd = sub.add_parser("render")
@@ -385,13 +408,10 @@ def main() -> None:
         spec = json.loads(args.spec)
         print("RESULT " + json.dumps(WORKERS[spec["kind"]](spec)), flush=True)
     elif args.cmd == "run":
-        out = run(args)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+        run(args)
     else:
         sys.path.insert(0, str(HERE))
         from big_report import render
-
         from report import upsert_section
 
         section = render(SECTION, [json.loads(p.read_text()) for p in args.runs],

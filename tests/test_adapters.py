@@ -18,6 +18,7 @@ from lorakit import (
     load_lora_adapter,
     quantize_model,
     save_lora_adapter,
+    set_adapter,
 )
 from lorakit.adapters import base_fingerprint, check_adapter, export_merged, list_adapters
 
@@ -253,8 +254,10 @@ def test_qlora_adapter_loads_on_the_full_precision_base(kind, tmp_path):
 def test_two_adapters_saved_and_loaded_by_name(tmp_path):
     model = build_tiny("llama_cls")
     inject_lora(model, LoraConfig(r=4, dropout=0.0, modules_to_save=["score"]), "a")
-    inject_lora(model, LoraConfig(r=2, dropout=0.0, target_modules="minimal"), "b")
-    randomize_lora(model)  # both adapters' factors and the head
+    inject_lora(model, LoraConfig(r=2, dropout=0.0, target_modules="minimal", modules_to_save=[]), "b")
+    randomize_lora(model)  # b's factors (the active adapter)
+    set_adapter(model, "a")
+    randomize_lora(model, seed=8)  # a's factors and its head copy
     save_lora_adapter(model, tmp_path / "a", adapter_name="a")
     save_lora_adapter(model, tmp_path / "b", adapter_name="b")
     keys_b = set(load_file(tmp_path / "b" / "adapter_model.safetensors"))
@@ -263,10 +266,14 @@ def test_two_adapters_saved_and_loaded_by_name(tmp_path):
     assert "base_model.model.score.weight" in load_file(tmp_path / "a" / "adapter_model.safetensors")
     fresh = build_tiny("llama_cls")
     load_lora_adapter(fresh, tmp_path / "a", adapter_name="a")
-    load_lora_adapter(fresh, tmp_path / "b", adapter_name="b")
+    with pytest.raises(AdapterError, match=r"carries no classification head \(no classifier/score weights"):
+        load_lora_adapter(fresh, tmp_path / "b", adapter_name="b")
+    load_lora_adapter(fresh, tmp_path / "b", adapter_name="b", require_head=False)  # b predicts with the base's head
     ids = batch(rows=2)
-    with adapter_rows(model, ["a", "b"]):
+    with adapter_rows(model, ["a", "b"]):  # row 0: a's LoRA and head; row 1: b's LoRA and the base's head
         want = logits(model, ids)
+    set_adapter(model, "a")
+    torch.testing.assert_close(want[0], logits(model, ids[:1])[0], rtol=0, atol=1e-6)
     with adapter_rows(fresh, ["a", "b"]):
         torch.testing.assert_close(logits(fresh, ids), want, rtol=0, atol=1e-6)
     with pytest.raises(AdapterError, match=r"no adapter named 'c' on this model; adapters here: \['a', 'b'\]"):
@@ -290,10 +297,12 @@ def test_error_wrong_head_shape_names_parameter_and_shapes(tmp_path):
     config = tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                            vocab_size=97, max_position_embeddings=128, num_labels=2)
     two_labels = tf.BertForSequenceClassification(config)
-    with pytest.raises(AdapterError, match=r"trained for base .* a different base model or revision"):
-        load_lora_adapter(two_labels, tmp_path / "a")
+    with pytest.raises(AdapterError, match=r"classifies into 3 labels \['LABEL_0', 'LABEL_1', 'LABEL_2'\], but this "
+                                           r"BertForSequenceClassification has num_labels=2; load the base with num_labels=3"):
+        load_lora_adapter(two_labels, tmp_path / "a")  # before the fingerprint, which the head's shape also changes
+    (tmp_path / "a" / "lorakit.json").unlink()  # as PEFT saves it: the shapes tell
     with pytest.raises(AdapterError) as e:
-        load_lora_adapter(two_labels, tmp_path / "a", check_base=False)
+        load_lora_adapter(two_labels, tmp_path / "a")
     assert "classifier.weight: expected shape (2, 32), found (3, 32)" in str(e.value)
     assert "classifier.bias: expected shape (2,), found (3,)" in str(e.value)
 

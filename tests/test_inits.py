@@ -196,3 +196,16 @@ def test_config_problems_name_the_key_before_weights_load():
     assert RunConfig(method="qlora", lora=LoraConfig(init="loftq", use_dora=True)).problems() == []
     full = RunConfig(method="full", lora=LoraConfig(use_dora=True)).problems()
     assert any("method: full trains every weight without one" in p for p in full)
+
+
+def test_qlora_pipeline_with_an_init_keeps_the_classifier_head_trained_in_full():
+    """seq_cls + qlora + pissa: quantizing after the init skips the head's trained copy and the base's own head."""
+    from lorakit.heads import SavedModule
+    from lorakit.train.setup import adapt_for_method
+
+    config = RunConfig(task="seq_cls", method="qlora", lora=LoraConfig(r=4, alpha=8, init="olora", target_modules="all-linear"))
+    config.train.gradient_checkpointing = False
+    model = adapt_for_method(build_tiny("llama_cls"), config, torch.float32, progress=False)
+    assert isinstance(model.score, SavedModule)
+    assert not any(isinstance(m, NF4Linear) for m in model.score.modules())
+    assert isinstance(model.model.layers[0].mlp.up_proj.base_layer, NF4Linear)

@@ -145,10 +145,9 @@ def test_matches_peft_forward(kind, capsys):
     torch.testing.assert_close(logits(ours, ids), logits(ref, ids), rtol=0, atol=1e-5)
     ours_trainable, _ = count_parameters(ours)
     assert ours_trainable == sum(p.numel() for p in ref.parameters() if p.requires_grad)
-    if not is_cls:  # PEFT also counts the frozen copy of a head it trains in full; we keep no copy
-        assert count_parameters(ours) == ref.get_nb_trainable_parameters()
-        ref.print_trainable_parameters()
-        assert capsys.readouterr().out.strip() == parameter_report(ours)
+    assert count_parameters(ours) == ref.get_nb_trainable_parameters()  # a head trained in full: original + copy
+    ref.print_trainable_parameters()
+    assert capsys.readouterr().out.strip() == parameter_report(ours)
 
 
 def _copy_lora_into_peft(ours, ref):
@@ -330,8 +329,9 @@ def test_heads_are_adapted_only_when_asked():
     targets = inject_lora(cls, LoraConfig(r=2, modules_to_save=["classifier"]))
     assert not any(t.endswith("classifier") for t in targets) and "bert.pooler.dense" in targets
     trainable = {n for n, p in cls.named_parameters() if p.requires_grad}
-    assert {"classifier.weight", "classifier.bias"} <= trainable  # the head is trained in full
-    assert all(".lora_" in n or n.startswith("classifier.") for n in trainable)
+    # the head is trained in full, as the adapter's copy (PEFT's module path); the original stays frozen
+    assert {"classifier.modules_to_save.default.weight", "classifier.modules_to_save.default.bias"} <= trainable
+    assert all(".lora_" in n or n.startswith("classifier.modules_to_save.") for n in trainable)
 
 
 def test_every_invalid_lora_value_is_named_with_the_valid_choices():
@@ -344,7 +344,7 @@ def test_every_invalid_lora_value_is_named_with_the_valid_choices():
         "lora.target_modules must be a preset (minimal, attention, all-linear), a non-empty list of module-name suffixes, or a regex; got []",
         "lora.init must be one of kaiming, gaussian, pissa, pissa_niter_N, olora, loftq; got 'xavier'",
         "lora.bias must be one of none; got 'all'",
-        "lora.modules_to_save must be a list of module names, got 'score'",
+        "lora.modules_to_save must be a list of module names or null (the task's default), got 'score'",
     ]
     assert [p.split(" (a common")[0] for p in problems] == expected
     with pytest.raises(ValueError, match=r"lora.bias must be one of none; got 'all'"):
@@ -443,13 +443,26 @@ def test_several_adapter_errors_name_the_adapters():
             logits(model, batch())
 
 
-def test_two_adapters_cannot_both_train_the_same_head():
+def test_two_adapters_train_their_own_copies_of_the_head():
+    """As PEFT's ModulesToSaveWrapper: one copy per adapter, the base's own head kept for adapters_disabled."""
     model = build_tiny("llama_cls")
+    base_logits = logits(model, batch())
     inject_lora(model, LoraConfig(r=4, modules_to_save=["score"]), "a")
-    with pytest.raises(ValueError, match=r"adapter 'b' trains \['score'\] in full, but adapter 'a' already does"):
-        inject_lora(model, LoraConfig(r=4, modules_to_save=["score"]), "b")
-    inject_lora(model, LoraConfig(r=4, target_modules="minimal"), "c")  # no head: fine, and 'a' keeps its head
-    assert model.score.weight.requires_grad
+    inject_lora(model, LoraConfig(r=4, modules_to_save=["score"]), "b")
+    inject_lora(model, LoraConfig(r=4, target_modules="minimal", modules_to_save=[]), "c")  # no head of its own
+    randomize_lora(model)  # the active adapter's (c's) factors
+    for name in ("a", "b"):
+        set_adapter(model, name)
+        randomize_lora(model, seed=len(name) + ord(name))  # this adapter's factors and head copy
+    heads = model.score.modules_to_save
+    assert sorted(heads) == ["a", "b"] and not torch.equal(heads["a"].weight, heads["b"].weight)
+    assert not model.score.original_module.weight.requires_grad and heads["b"].weight.requires_grad
+    assert not heads["a"].weight.requires_grad  # only the active adapter's copy trains
+    set_adapter(model, "c")
+    hidden = torch.randn(2, 32)
+    torch.testing.assert_close(model.score(hidden), model.score.original_module(hidden))  # c: the base's head
+    with adapters_disabled(model):
+        torch.testing.assert_close(logits(model, batch()), base_logits, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- QLoRA merge

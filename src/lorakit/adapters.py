@@ -5,9 +5,11 @@
       adapter_model.safetensors    base_model.model.<module>.lora_A.weight (r, in) / .lora_B.weight (out, r)
                                    [/ .lora_magnitude_vector (out,) for DoRA]
                                    and base_model.model.<module>.<param> for modules trained in full
+                                   (a classifier's head: base_model.model.score.weight, as PEFT writes it)
       lorakit.json                 base-model fingerprint, lorakit version, creation time, data hash,
-                                   hyperparameters, metrics (a separate file so PEFT's config parser
-                                   never sees keys it does not know)
+                                   hyperparameters, metrics, and for a classifier its num_labels and
+                                   id2label (a separate file so PEFT's config parser never sees keys it
+                                   does not know)
       chat_template.jinja          the template used in training, when there was one
 
 PEFT, vLLM and lorakit all read the first two files. Saving is atomic (temp dir + rename).
@@ -29,6 +31,14 @@ from torch import nn
 
 from lorakit.config import WEIGHT_INITS, LoraConfig, init_kind
 from lorakit.errors import AdapterError
+from lorakit.heads import (
+    SEQ_CLS_HEAD_NAMES,
+    base_name,
+    carries_head,
+    is_sequence_classifier,
+    saved_modules,
+    set_label_names,
+)
 from lorakit.inits import converted_alpha, converted_factors
 from lorakit.lora import (
     LoraLinear,
@@ -44,6 +54,7 @@ from lorakit.lora import (
 )
 from lorakit.quant.linear import NF4Linear
 from lorakit.runtime.atomic import atomic_directory
+from lorakit.runtime.outdir import check_output_dir, output_errors, replace_files
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -86,6 +97,14 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
                 "quantization_config", "_attn_implementation_autoset", "output_hidden_states", "output_attentions",
                 "return_dict", "architectures", "problem_type"}
     stable = {k: v for k, v in sorted(config_dict.items()) if k not in volatile}
+    # Class names are the task's, not the base's: hashed as transformers' defaults for that many classes,
+    # so a base whose head was named by training (or by an adapter) still matches, and hashes made before
+    # names were set (always the defaults) stay valid.
+    n = len(config_dict.get("id2label") or {})
+    if "id2label" in stable:
+        stable["id2label"] = {i: f"LABEL_{i}" for i in range(n)}
+    if "label2id" in stable:
+        stable["label2id"] = {f"LABEL_{i}": i for i in range(n)}
     digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode())
     for name, shape in base_weight_shapes(model):
         digest.update(f"{name}:{tuple(shape)};".encode())
@@ -99,9 +118,9 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
 def base_weight_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     shapes = []
     for name, module in model.named_modules():
-        if ".lora_" in f".{name}" or isinstance(module, LoraLinear):
+        if ".lora_" in f".{name}" or isinstance(module, LoraLinear) or base_name(name) is None:
             continue
-        clean = name.replace(".base_layer", "")
+        clean = base_name(name).replace(".base_layer", "")
         if isinstance(module, NF4Linear):  # its weight is buffers; its bias is still a parameter
             shapes.append((f"{clean}.weight", (module.out_features, module.in_features)))
         for pname, param in module.named_parameters(recurse=False):
@@ -127,10 +146,24 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default", converted: 
             out[f"{PREFIX}{name}.lora_B.weight"] = B
             if adapter_name in layer.lora_magnitude_vector:  # DoRA's m: PEFT drops the ".<adapter>.weight"
                 out[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight
-    for module_name in modules_to_save(model, adapter_name):
-        for pname, param in model.get_submodule(module_name).named_parameters():
-            out[f"{PREFIX}{module_name}.{pname}"] = param
+    for module_name, saved in saved_modules(model):
+        if adapter_name in saved.modules_to_save:  # PEFT's key: without `.modules_to_save.<adapter>`
+            for pname, param in saved.modules_to_save[adapter_name].named_parameters():
+                out[f"{PREFIX}{module_name}.{pname}"] = param
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def classifier_metadata(model: nn.Module, adapter_name: str = "default") -> dict[str, Any] | None:
+    """lorakit.json's `classifier` entry: num_labels, id2label (class names, or transformers' LABEL_i)
+    and the modules saved as the head; None for a model that is not a sequence classifier."""
+    if not is_sequence_classifier(model):
+        return None
+    config = model.config
+    return {
+        "num_labels": int(config.num_labels),
+        "id2label": {str(i): str(config.id2label[i]) for i in sorted(config.id2label, key=int)},
+        "head": modules_to_save(model, adapter_name),
+    }
 
 
 def peft_config_dict(model: nn.Module, config: LoraConfig, adapter_name: str, task_type: str | None,
@@ -211,6 +244,7 @@ def save_lora_adapter(
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "adapter_name": adapter_name,
         "base_model": base_fingerprint(model),
+        **({"classifier": classifier_metadata(model, adapter_name)} if is_sequence_classifier(model) else {}),
         **({"init": {"method": config.init, "converted": converted}} if init_kind(config.init) in WEIGHT_INITS else {}),
         **(metadata or {}),
     }
@@ -238,6 +272,13 @@ def read_adapter_config(adapter_dir: str | Path, allow_dora: bool = False) -> di
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{path} is not valid JSON ({e}); the file is corrupt -- re-save the adapter") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path} must hold a JSON object (PEFT's LoraConfig), got {type(config).__name__}; re-save the adapter")
+    bad = [f"{key}={config[key]!r}" for key, ok in (("r", _positive_int), ("lora_alpha", _positive_number))
+           if key in config and not ok(config[key])]
+    if bad:
+        raise AdapterError(f"{path}: {', '.join(bad)} is not valid (r must be an integer >= 1, lora_alpha a number > 0); "
+                           "the file is corrupt or hand-edited -- re-save the adapter")
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; lorakit loads LORA adapters")
     unsupported = {k: config[k] for k in ("rank_pattern", "alpha_pattern", "layers_to_transform") if config.get(k)}
@@ -251,6 +292,14 @@ def read_adapter_config(adapter_dir: str | Path, allow_dora: bool = False) -> di
             "model; lorakit's train, eval and generate load DoRA adapters as they are"
         )
     return config
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _positive_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
 
 
 def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
@@ -284,17 +333,25 @@ def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_lora_adapter(
-    model: nn.Module, adapter_dir: str | Path, adapter_name: str = "default", check_base: bool = True
+    model: nn.Module, adapter_dir: str | Path, adapter_name: str = "default", check_base: bool = True,
+    require_head: bool = True,
 ) -> list[str]:
-    """Load a lorakit or PEFT LoRA adapter into `model` as `adapter_name`; returns the adapted modules."""
+    """Load a lorakit or PEFT LoRA adapter into `model` as `adapter_name`; returns the adapted modules.
+
+    Into a sequence classifier, the adapter must carry its head (refused otherwise, unless `require_head`
+    is False: the base's own head is then the one meant) and fit the model's num_labels; its class names
+    (lorakit.json) become the model's id2label."""
     adapter_dir = Path(adapter_dir)
     peft_config = read_adapter_config(adapter_dir, allow_dora=True)
-    if check_base:
-        _check_fingerprint(model, adapter_dir)
     tensors = read_adapter_tensors(adapter_dir)
     lora, full = split_adapter_keys(tensors, adapter_dir)
+    meta = read_metadata(adapter_dir).get("classifier")
+    _check_classifier(model, full, meta, adapter_dir, require_head)  # first: num_labels also changes the fingerprint
+    if check_base:
+        _check_fingerprint(model, adapter_dir)
     use_dora = bool(peft_config.get("use_dora", False))
     _check_modules(model, lora, full, adapter_dir, int(peft_config.get("r", 8)), use_dora)
+    saved = saved_module_names(full, peft_config.get("modules_to_save"))
     config = LoraConfig(
         r=int(peft_config.get("r", 8)),
         alpha=float(peft_config.get("lora_alpha", 8)),
@@ -303,7 +360,7 @@ def load_lora_adapter(
         use_rslora=bool(peft_config.get("use_rslora", False)),
         use_dora=use_dora,
         init=_reduced_base_init(peft_config),
-        modules_to_save=sorted({k.rsplit(".", 1)[0] for k in full}),
+        modules_to_save=saved,
     )
     try:
         targets = inject_lora(model, config, adapter_name)
@@ -313,7 +370,9 @@ def load_lora_adapter(
         raise AdapterError(f"{adapter_dir / CONFIG_FILE}: init_lora_weights {config.init!r} means the factors apply to "
                            f"the reduced base W − s·B₀A₀, which is recomputed from the original W on load, but: {e}. "
                            "Load it onto the full-precision base, or save it converted (the default)") from None
-    _copy_weights(model, lora, full, adapter_name, adapter_dir)
+    _copy_weights(model, lora, full, saved, adapter_name)
+    if meta and is_sequence_classifier(model):
+        set_label_names(model, [meta["id2label"][str(i)] for i in range(len(meta["id2label"]))])
     return targets
 
 
@@ -322,6 +381,62 @@ def _reduced_base_init(peft_config: dict[str, Any]) -> str:
     training start, as PEFT does on load); kaiming otherwise (the factors are then copied over the init)."""
     init = peft_config.get("init_lora_weights", True)
     return init if isinstance(init, str) and init_kind(init) in ("pissa", "olora") else "kaiming"
+
+
+def saved_module_names(full: dict[str, torch.Tensor], listed: list[str] | None) -> list[str]:
+    """The modules whose trained copies the file's full tensors fill: for each parameter path, the outermost
+    enclosing module whose name ends with an entry of adapter_config.json's modules_to_save (PEFT's rule), else
+    the parameter's own module. A SEQ_CLS adapter saved by PEFT lists ['classifier', 'score']."""
+    names: list[str] = []
+    for key in full:
+        prefixes = _prefixes(key)
+        module = next((p for p in prefixes if any(p.endswith(entry) for entry in listed or [])), prefixes[-1])
+        if module not in names:
+            names.append(module)
+    return sorted(names)
+
+
+def _check_classifier(model: nn.Module, full: dict, meta: dict | None, adapter_dir: Path, require_head: bool) -> None:
+    """A classifier adapter must carry its head and be for this many classes."""
+    if not is_sequence_classifier(model):
+        return
+    if require_head and not carries_head(model, [module for key in full for module in _prefixes(key)]):
+        raise AdapterError(
+            f"adapter {adapter_dir} carries no classification head (no {'/'.join(SEQ_CLS_HEAD_NAMES)} weights in "
+            f"{WEIGHTS_FILE}), but {type(model).__name__} predicts through one: with this base's head -- random "
+            "whenever the base was not trained for the task -- the same adapter would score differently at every load. "
+            "Retrain with lora.modules_to_save unset (null: the head is trained and saved, as PEFT's task_type=SEQ_CLS "
+            "does), or, if this base's own head is the one the adapter was trained with, pass require_head=False."
+        )
+    want = int(meta["num_labels"]) if meta and meta.get("num_labels") else None
+    if want is not None and want != model.config.num_labels:
+        names = list((meta.get("id2label") or {}).values())
+        raise AdapterError(
+            f"adapter {adapter_dir} classifies into {want} labels {names}, but this {type(model).__name__} has "
+            f"num_labels={model.config.num_labels}; load the base with num_labels={want} (`num_labels: {want}` in "
+            f"the run config, or load_base(..., num_labels={want}))"
+        )
+
+
+def _prefixes(key: str) -> list[str]:
+    """The module paths enclosing parameter `key`, outermost first: a.b.c.weight -> [a, a.b, a.b.c]."""
+    parts = key.split(".")[:-1]
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def adapter_num_labels(adapter_dir: str | Path) -> int | None:
+    """How many classes a SEQ_CLS adapter predicts: lorakit.json's num_labels, else the rows of a PEFT
+    adapter's head weight (`score.weight`, `classifier.weight`, `classifier.out_proj.weight`); None if unknown."""
+    meta = read_metadata(adapter_dir).get("classifier") or {}
+    if meta.get("num_labels"):
+        return int(meta["num_labels"])
+    keys = read_adapter_tensors(Path(adapter_dir))
+    for head in SEQ_CLS_HEAD_NAMES:
+        for suffix in (f"{head}.weight", f"{head}.out_proj.weight"):
+            hits = [t for k, t in keys.items() if k.endswith(suffix) and "lora_" not in k]
+            if len(hits) == 1:
+                return int(hits[0].shape[0])
+    return None
 
 
 def split_adapter_keys(tensors: dict[str, torch.Tensor], adapter_dir: Path) -> tuple[dict, dict]:
@@ -370,12 +485,12 @@ def _check_modules(model: nn.Module, lora: dict, full: dict, adapter_dir: Path, 
             problems.append(f"{module}: use_dora is true, so lora_magnitude_vector must be ({out_f},); found {found}")
         elif not use_dora and "m" in parts:
             problems.append(f"{module}: holds a DoRA lora_magnitude_vector but {CONFIG_FILE} says use_dora: false")
-    params = dict(model.named_parameters())
+    shapes = _full_shapes(model)
     for name, tensor in full.items():
-        if name not in params:
+        if name not in shapes:
             problems.append(f"{name}: no such parameter in this model")
-        elif params[name].shape != tensor.shape:
-            problems.append(f"{name}: expected shape {tuple(params[name].shape)}, found {tuple(tensor.shape)}")
+        elif shapes[name] != tuple(tensor.shape):
+            problems.append(f"{name}: expected shape {shapes[name]}, found {tuple(tensor.shape)}")
     if problems:
         base = read_metadata(adapter_dir).get("base_model", {}).get("name") or _peft_base(adapter_dir)
         raise AdapterError(
@@ -405,12 +520,32 @@ def _check_fingerprint(model: nn.Module, adapter_dir: Path) -> None:
         raise AdapterError(
             f"adapter {adapter_dir} was trained for base {saved.get('name')!r} (revision {saved.get('revision')}, "
             f"fingerprint {saved['hash']}), but this model is {here['name']!r} (fingerprint {here['hash']}): "
-            "a different base model or revision. Load the matching base, or call load_lora_adapter(..., "
-            "check_base=False) if you know they are compatible."
+            "a different base model or revision. Load the matching base (--base); from Python, "
+            "load_lora_adapter(..., check_base=False) skips this check if you know they are compatible."
         )
 
 
-def _copy_weights(model: nn.Module, lora: dict, full: dict, adapter_name: str, adapter_dir: Path) -> None:
+def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base's parameters by the base's names, through LoRA and modules_to_save wrappers."""
+    out = {}
+    for name, param in model.named_parameters():
+        clean = base_name(name)
+        if clean is not None and ".lora_" not in f".{clean}":
+            out[clean.replace(".base_layer", "")] = param
+    return out
+
+
+def _full_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Shapes a module trained in full may hold, by base name: its parameters, and a 4-bit layer's (out, in)
+    weight (its trained copy is dequantized)."""
+    shapes = {name: tuple(param.shape) for name, param in base_parameters(model).items()}
+    for name, module in model.named_modules():
+        if isinstance(module, NF4Linear) and base_name(name) is not None:
+            shapes[f"{base_name(name).replace('.base_layer', '')}.weight"] = (module.out_features, module.in_features)
+    return shapes
+
+
+def _copy_weights(model: nn.Module, lora: dict, full: dict, saved: list[str], adapter_name: str) -> None:
     with torch.no_grad():
         for module, parts in lora.items():
             layer = model.get_submodule(module)
@@ -418,18 +553,24 @@ def _copy_weights(model: nn.Module, lora: dict, full: dict, adapter_name: str, a
                 if part in parts:
                     weight = store[adapter_name].weight
                     weight.copy_(parts[part].to(weight.dtype))
-        params = dict(model.named_parameters())
-        for name, tensor in full.items():
-            params[name].copy_(tensor.to(params[name].dtype))
+        for name, tensor in full.items():  # into this adapter's copy of the module trained in full
+            module = next(m for m in saved if name.startswith(f"{m}."))
+            copy = model.get_submodule(module).modules_to_save[adapter_name]
+            param = copy.get_parameter(name.removeprefix(f"{module}."))
+            param.copy_(tensor.to(param.dtype))
 
 
 # --------------------------------------------------------------------------- merge, list, check
 
 
-def export_merged(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> Path:
-    """Merge the active adapter into the base and save a standard transformers model (safetensors)."""
+def export_merged(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, force: bool = False) -> Path:
+    """Merge the active adapter into the base and save a standard transformers model (safetensors).
+
+    A non-empty `out_dir` is refused unless `force`; then only the files written here are replaced (each
+    atomically) and anything else in `out_dir` stays (lorakit.runtime.outdir)."""
+    check_output_dir(out_dir, force)
     merged = merge_lora_weights(model, remove_wrappers=True)
-    with atomic_directory(out_dir) as tmp:
+    with output_errors(out_dir, "--out"), replace_files(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -465,6 +606,19 @@ def list_adapters(root: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _rank_problems(config: dict[str, Any], lora: dict[str, dict[str, torch.Tensor]], adapter_dir: Path) -> list[str]:
+    """adapter_config.json's r must be the rank of every lora_A (r, in) and lora_B (out, r): engines size
+    their buffers from r, and PEFT fails to load the tensors otherwise."""
+    r = config.get("r", 8)
+    wrong = sorted(f"{m} (lora_A {tuple(p['A'].shape)}, lora_B {tuple(p['B'].shape)})" for m, p in lora.items()
+                   if p["A"].dim() != 2 or p["B"].dim() != 2 or p["A"].shape[0] != r or p["B"].shape[1] != r)
+    if not wrong:
+        return []
+    return [f"{adapter_dir / CONFIG_FILE} says r={r}, but {len(wrong)} module(s) have tensors of another rank: "
+            f"{', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}; {CONFIG_FILE} and {WEIGHTS_FILE} do not "
+            "belong together -- re-save the adapter"]
+
+
 def check_adapter(adapter_dir: str | Path, target: str = "vllm") -> list[str]:
     """What a serving engine would reject or warn about; an empty list means it should load."""
     if target != "vllm":
@@ -474,8 +628,10 @@ def check_adapter(adapter_dir: str | Path, target: str = "vllm") -> list[str]:
     try:
         config = read_adapter_config(adapter_dir, allow_dora=True)
         tensors = read_adapter_tensors(adapter_dir)
+        lora, _ = split_adapter_keys(tensors, adapter_dir)
     except AdapterError as e:
         return [str(e)]
+    problems += _rank_problems(config, lora, adapter_dir)
     if target == "vllm":
         if config.get("use_dora"):
             problems.append("use_dora: vLLM does not load DoRA adapters (its LoRA layers add s·BA and have no "

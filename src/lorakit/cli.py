@@ -20,11 +20,13 @@ from lorakit.config import RunConfig, field_help, load_run_config
 from lorakit.data import inspect_data
 from lorakit.demo import resolve_base_name
 from lorakit.errors import LorakitError
+from lorakit.eval import parse_thresholds
 from lorakit.export.gguf import export_gguf
 from lorakit.models import load_tokenizer
 from lorakit.quickstart import run_quickstart
 from lorakit.runtime.checkpoint import newest_checkpoint
 from lorakit.runtime.distributed import launched, relaunch
+from lorakit.runtime.rundir import precheck_run_dir
 from lorakit.serve import ServeSettings, parse_adapter_specs, run_server
 from lorakit.train import format_summary
 
@@ -37,8 +39,9 @@ EXIT_USER_ERROR = 2
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc > 1 and not launched():
         return _relaunch_train(args)
-    result = api.train_lora(args.config, args.set, resume=args.resume, progress=not args.quiet,
-                            memory_check=not args.no_memory_check)
+    result = api.train_lora(args.config, args.set, resume=args.resume or args.resume_anyway, progress=not args.quiet,
+                            memory_check=not args.no_memory_check, overwrite=args.overwrite,
+                            resume_anyway=args.resume_anyway)
     if result.rank == 0:
         print(format_summary(result))
     return 0
@@ -47,11 +50,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _relaunch_train(args: argparse.Namespace) -> int:
     """`lorakit train --nproc N`: this same command on N local processes under torch.distributed.run."""
     config = load_run_config(args.config, args.set)  # report config problems once, before starting N processes
+    mode = "resume" if args.resume or args.resume_anyway else "overwrite" if args.overwrite else "new"
+    precheck_run_dir(config.output_dir, mode, args.config)  # and a refused output_dir
     child = ["train", *([args.config] if args.config else [])]
     for override in args.set:
         child += ["--set", override]
     child += [flag for flag, on in (("--resume", args.resume), ("--quiet", args.quiet),
-                                    ("--no-memory-check", args.no_memory_check)) if on]
+                                    ("--no-memory-check", args.no_memory_check), ("--overwrite", args.overwrite),
+                                    ("--resume-anyway", args.resume_anyway)) if on]
     return relaunch(args.nproc, child, lambda: newest_checkpoint(Path(config.output_dir)))
 
 
@@ -68,9 +74,10 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    thresholds = parse_thresholds(args.fail_below or [])  # a bad spec stops here, before the eval runs
     report = api.evaluate(args.config, args.adapter, args.out, args.set, fail_below=args.fail_below)
     print(json.dumps(report.json, indent=2) if args.json else report.markdown)
-    failures = report.failures(args.fail_below or [])
+    failures = report.failures(thresholds)
     for failure in failures:
         print(f"FAIL: {failure}", file=sys.stderr)
     return 1 if failures else 0
@@ -104,7 +111,7 @@ def cmd_adapters_check(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    out = api.merge(args.base, args.adapter, args.out)
+    out = api.merge(args.base, args.adapter, args.out, force=args.force)
     print(f"merged model written to {out} (standard transformers format, safetensors)")
     return 0
 
@@ -128,6 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         adapter_roots=args.adapter_root, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"), max_batch=args.max_batch,
         max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
+        max_waiting=args.max_waiting,
         device=args.device, dtype=args.dtype,
     )
     return run_server(settings)
@@ -169,7 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune from a YAML run config")
     p.add_argument("config", nargs="?", help="YAML run config (omit for all defaults: the demo)")
     _add_set(p)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    again.add_argument("--overwrite", action="store_true",
+                       help="output_dir holds a previous run: start over, moving it to <output_dir>.old-<time>/ "
+                            "once the config, data and model are validated (nothing is deleted)")
+    p.add_argument("--resume-anyway", action="store_true",
+                   help="with --resume: continue although lora/quant/lr/batch/data differ from the checkpoint's")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-memory-check", action="store_true",
                    help="start even when the advisor predicts the run will not fit in memory")
@@ -209,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="fold an adapter into its base and save a standard transformers model")
     p.add_argument("--base", required=True, help="hub id or directory of the base model ('demo' for the built-in one)")
     p.add_argument("--adapter", required=True, help="adapter directory")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (new or empty, unless --force)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out: replace only the files merge writes, keep the rest")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="GGUF for llama.cpp and Ollama (merged, or base + GGUF LoRA), with a Modelfile")
@@ -244,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set LORAKIT_API_KEY)")
     p.add_argument("--max-batch", type=int, default=16, help="most sequences per forward (default 16)")
+    p.add_argument("--max-waiting", type=int, default=1024,
+                   help="most sequences queued behind the running batch (503 above; default 1024)")
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt accepted, in tokens")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (413 above)")

@@ -3,16 +3,22 @@
 Why dataclasses with a `help` per field: the same text documents the YAML keys (`lorakit
 config` lists them), and validation can name the exact key that is wrong. Validation collects *every*
 problem before anything heavy (weights, data) is loaded, so a user fixes a config in one pass.
+
+Types are strict, from each field's annotation: a bool is `true`/`false` (not "false" in quotes, not
+"maybe"), an int is not 1.5 or "8", a list is a list. A mistyped value is reported and then stands in
+as its default, so the range checks of every other key still run and every problem comes out at once.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -80,9 +86,11 @@ class LoraConfig:
         default=True,
     )
     bias: Literal["none"] = _help("Bias training; only 'none' (base biases stay frozen).", default="none")
-    modules_to_save: list[str] = _help(
-        "Modules trained in full and saved with the adapter (e.g. a classifier head: ['score']).",
-        default_factory=list,
+    modules_to_save: list[str] | None = _help(
+        "Modules trained in full and saved with the adapter. null = the classification head for task seq_cls "
+        "(score / classifier, and a pooler where the model has one: what PEFT's task_type=SEQ_CLS trains), "
+        "none for causal_lm; a list = exactly these modules (name-suffixes); [] = none.",
+        default=None,
     )
 
     @property
@@ -100,8 +108,9 @@ class LoraConfig:
         out += _target_problems(self.target_modules, f"{prefix}.target_modules")
         out += _init_problems(self, prefix)
         out += _choice_problems(self, prefix, ("bias",))
-        if not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) for m in self.modules_to_save):
-            out.append(f"{prefix}.modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        save = self.modules_to_save
+        if save is not None and (not isinstance(save, list) or not all(isinstance(m, str) and m for m in save)):
+            out.append(f"{prefix}.modules_to_save must be a list of module names or null (the task's default), got {save!r}")
         return out
 
 
@@ -234,20 +243,34 @@ def field_help(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.lr=1e-4` -> (['train', 'lr'], 1e-4); the value is parsed as YAML."""
     if "=" not in text:
-        raise ConfigError([f"override {text!r} must look like key.sub=value (e.g. train.lr=1e-4)"])
+        raise ConfigError([f"--set {text!r} must look like key.sub=value (e.g. train.lr=1e-4)"])
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml_load(raw) if raw.strip() else None
+    try:
+        value = yaml_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"--set {key.strip()}={raw}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+                           f"close the brackets or quotes (a list: --set 'lora.target_modules=[q_proj, v_proj]'), "
+                           f"or quote the whole value as a string"]) from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply every `key.sub=value`; raises one ConfigError naming every override that cannot be parsed."""
+    problems = []
     for text in overrides:
-        path, value = parse_override(text)
+        try:
+            path, value = parse_override(text)
+        except ConfigError as e:
+            problems += e.problems
+            continue
         node = data
         for part in path[:-1]:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
         node[path[-1]] = value
+    if problems:
+        raise ConfigError(problems, source="the --set overrides")
     return data
 
 
@@ -264,7 +287,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
     if data is None:
-        return {}
+        raise ConfigError([f"{path} is empty (or only comments); write the run's keys in it (at least base_model "
+                           "and data.train; `lorakit config` lists every key), or run `lorakit train` without a "
+                           "file for the built-in demo"])
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of keys, got {type(data).__name__}"])
     return data
@@ -287,19 +312,23 @@ class GenerationConfig:
     seed: int | None = _help("Sampling seed (reproducible sampling); null = unseeded.", default=None)
 
     def problems(self, prefix: str = "generation") -> list[str]:
+        """prefix "--" names command-line flags (--max-new-tokens) instead of keys (generation.max_new_tokens)."""
+        def key(name: str) -> str:
+            return f"--{name.replace('_', '-')}" if prefix == "--" else f"{prefix}.{name}"
+
         out = []
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            out.append(f"{prefix}.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            out.append(f"{prefix}.temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            out.append(f"{prefix}.top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            out.append(f"{prefix}.top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
-            out.append(f"{prefix}.repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+            out.append(f"{key('max_new_tokens')} must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            out.append(f"{key('temperature')} must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            out.append(f"{key('top_p')} must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            out.append(f"{key('top_k')} must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            out.append(f"{key('repetition_penalty')} must be > 0 (1 = off), got {self.repetition_penalty!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            out.append(f"{prefix}.stop must be a list of non-empty strings, got {self.stop!r}")
+            out.append(f"{key('stop')} must be a list of non-empty strings, got {self.stop!r}")
         return out
 
 
@@ -505,18 +534,74 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     data = apply_overrides(data, overrides or [])
     problems: list[str] = []
     config = from_dict(RunConfig, data, "", problems)
-    type_problems = _type_problems(config)
-    problems += type_problems or config.problems()
+    checked = copy.deepcopy(config)
+    problems += type_problems(checked)  # and resets each mistyped value to its default, so that...
+    problems += checked.problems()  # ...the range checks run on every key without tripping on a type
     if problems:
         raise ConfigError(problems, source=str(path) if path else None)
     return config
 
 
-def _type_problems(config: RunConfig) -> list[str]:
-    """Sections given as scalars (e.g. `lora: 16`) are caught here, before field checks."""
+def type_problems(obj: Any, prefix: str = "") -> list[str]:
+    """Every field of dataclass `obj` (recursively) whose value does not match its annotation; each such
+    field is reset to its default in place. Literal choices are left to `_choice_problems`."""
     out = []
-    for f in dataclasses.fields(config):
-        sub = _nested_dataclass(RunConfig, f.name)
-        if sub is not None and not isinstance(getattr(config, f.name), sub):
-            out.append(f"{f.name} must be a mapping of {sub.__name__} keys, got {getattr(config, f.name)!r}")
+    hints = get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        hint, value, key = hints[f.name], getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint) and isinstance(value, hint):
+            out += type_problems(value, f"{key}.")
+            continue
+        expected = _expected(hint, value)
+        if expected is None:
+            continue
+        out.append(f"{key} must be {expected}, got {value!r}{_quoted_hint(value, hint)}")
+        setattr(obj, f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
     return out
+
+
+def _expected(hint: Any, value: Any) -> str | None:
+    """None when `value` fits `hint`; else what was expected, in words."""
+    arms = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+    words = []
+    for arm in arms:
+        ok, word = _fits(arm, value)
+        if ok:
+            return None
+        words.append(word)
+    return " or ".join(words)
+
+
+def _fits(hint: Any, value: Any) -> tuple[bool, str]:
+    if hint is type(None):
+        return value is None, "null"
+    if get_origin(hint) is Literal:
+        return True, ""  # checked with the allowed values by _choice_problems
+    if hint is bool:
+        return isinstance(value, bool), "true or false"
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), "an integer"
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    if hint is str:
+        return isinstance(value, str), "a string"
+    if hint is dict:
+        return isinstance(value, dict), "a mapping"
+    if get_origin(hint) is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, hint), f"a mapping of {hint.__name__} keys"
+    return True, ""
+
+
+def _quoted_hint(value: Any, hint: Any) -> str:
+    """A bool or number written in quotes in YAML arrives as a string: say so."""
+    if not isinstance(value, str):
+        return ""
+    if value.lower() in ("true", "false", "yes", "no", "on", "off"):
+        return " (a string: write true or false without quotes)"
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return " (a string: write the number without quotes)"

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lorakit.config import GenerationConfig
+from lorakit.errors import ConfigError
 
 # End-of-turn tokens of common chat templates: ChatML (Qwen, Phi-3.5), Llama-3, Gemma, Phi-3.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
@@ -196,10 +197,26 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[in
     return [tokenizer(p, add_special_tokens=not (bos and p.startswith(bos)))["input_ids"] for p in prompts]
 
 
+def check_generation(config: GenerationConfig, prompts: Sequence[str] | Sequence[Sequence[int]] = (),
+                     flags: bool = False) -> None:
+    """Raise one ConfigError with every problem of the settings and prompts (before any model is loaded).
+
+    `flags`: name the command-line flags (--max-new-tokens, --prompt) rather than the config keys."""
+    problems = config.problems("--" if flags else "generation")
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+        where = "--prompt is empty" if flags else f"prompt(s) {empty} are empty"
+        problems.append(f"{where}: a model continues text, so give at least one word (or, without --raw, the "
+                        "chat template supplies the rest)" if flags else f"{where}: give at least one token (e.g. BOS)")
+    if problems:
+        raise ConfigError(problems, source="the generation settings")
+
+
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both (B, max_len), padding on the left."""
     if any(len(r) == 0 for r in rows):
-        raise ValueError("an empty prompt cannot be continued; give at least one token (e.g. BOS)")
+        raise ConfigError("a prompt encodes to no tokens, so there is nothing to continue; give it some text "
+                          "(or at least one token, e.g. BOS)")
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
@@ -236,9 +253,7 @@ def _generate_detailed(
     model: nn.Module, tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]],
     config: GenerationConfig, batch_size: int,
 ) -> list[Generation]:
-    problems = config.problems()
-    if problems:
-        raise ValueError("; ".join(problems))
+    check_generation(config, prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop_ids, rows = stop_token_ids(tokenizer, model), encode_prompts(tokenizer, prompts)
     out: list[Generation] = []

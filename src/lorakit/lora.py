@@ -29,6 +29,9 @@ same adapter the fused single-adapter path below runs instead. `_forward_rows_re
 matmuls and a scatter per adapter) is the plain version, kept as the oracle and for training
 (autograd on, or live dropout).
 
+Modules an adapter trains in full (`modules_to_save`: a classifier head) get one copy per adapter beside the base's own (heads.py), so the
+same three switches apply to them.
+
 The common case -- one active adapter over a frozen nn.Linear, Conv1D or NF4Linear, all in one dtype --
 runs as one autograd Function, `_LoraMatmul`, with the derivatives written out:
 
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import re
@@ -61,7 +65,15 @@ from torch import nn
 
 from lorakit import dora, inits
 from lorakit.config import TARGET_PRESETS, WEIGHT_INITS, LoraConfig, QuantConfig, init_kind
-from lorakit.errors import AdapterError
+from lorakit.errors import AdapterError, ConfigError
+from lorakit.heads import (
+    SavedModule,
+    base_name,
+    carries_head,
+    classifier_head,
+    is_sequence_classifier,
+    saved_modules,
+)
 from lorakit.quant.linear import FrozenNF4, NF4Linear
 
 log = logging.getLogger(__name__)
@@ -486,10 +498,14 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
-    """Full names of every layer LoRA could wrap (the base layers of existing wrappers included)."""
+    """Full names of every layer LoRA could wrap (the base layers of existing wrappers included); layers
+    inside a module trained in full are not among them (PEFT never adapts those either)."""
     types = linear_types()
+    inside_saved = tuple(f"{name}." for name, _ in saved_modules(model))
     names = []
     for name, module in model.named_modules():
+        if name.startswith(inside_saved):
+            continue
         if isinstance(module, LoraLinear):
             names.append(name)
         elif isinstance(module, types) and not name.endswith("base_layer") and ".lora_" not in name:
@@ -515,7 +531,7 @@ def _suffix_hint(names: list[str]) -> str:
 
 def find_target_modules(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     """Resolve a preset, a list of suffixes or a regex into full module names (heads excluded
-    unless named explicitly in a list). Raises ValueError naming what matched nothing."""
+    unless named explicitly in a list). Raises ConfigError (a ValueError) naming what matched nothing."""
     names = linear_module_names(model)
     if targets == "all-linear":
         found = [n for n in names if not _is_head(n, model)]
@@ -526,13 +542,13 @@ def find_target_modules(model: nn.Module, targets: str | Sequence[str]) -> list[
     else:
         missing = [t for t in targets if not any(_suffix_match(n, t) for n in names)]
         if missing and len(missing) < len(targets):
-            raise ValueError(
+            raise ConfigError(
                 f"lora.target_modules entries {missing} matched no layer (the others did); "
                 f"linear layers here end with: {_suffix_hint(names)}"
             )
         found = [n for n in names if any(_suffix_match(n, t) for t in targets)]
     if not found:
-        raise ValueError(
+        raise ConfigError(
             f"lora.target_modules {targets!r} matched no module; linear layers here end with: "
             f"{_suffix_hint(names)}. Use one of those, a preset ({', '.join(TARGET_PRESETS)}), or a regex."
         )
@@ -552,23 +568,31 @@ def _resolve_preset(preset: str, names: list[str]) -> list[str]:
 def inject_lora(
     model: nn.Module, config: LoraConfig, adapter_name: str = "default", quant: QuantConfig | None = None
 ) -> list[str]:
-    """Wrap the target layers of `model` in place, freeze everything but the adapters (and
-    `config.modules_to_save`), make `adapter_name` the active adapter, and return the adapted module names.
+    """Wrap the target layers of `model` in place, freeze everything but the adapters (and the adapter's
+    copies of `config.modules_to_save`), make `adapter_name` the active adapter, and return the adapted names.
 
-    Heads (lm_head, score, classifier) are adapted only when named in a list or matched by a regex;
-    `modules_to_save` trains a module (a classifier head) in full instead, like PEFT's option.
+    Heads (lm_head, score, classifier) are adapted only when named in a list or matched by a regex.
+    `modules_to_save` trains modules in full instead, like PEFT's option: None (the default) means the
+    classification head of a sequence classifier (heads.classifier_head, what PEFT's task_type=SEQ_CLS
+    trains, plus a pooler) and nothing for other models; a list names exactly the modules, [] none.
+    Layers inside a module trained in full get no LoRA (as in PEFT).
     `config.init` pissa | olora | loftq reads (and changes) the full-precision target weights, so it runs
     before quantize_model; loftq quantizes its targets itself, in `quant`'s NF4 format.
     """
     problems = config.problems()
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ConfigError(problems)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; adapters here: {list(adapter_configs(model))}")
-    targets = find_target_modules(model, config.target_modules)
-    save_names = _find_modules_to_save(model, config.modules_to_save)
-    _check_save_owners(model, save_names, adapter_name)
     _check_weight_init(model, config)
+    save_names = resolve_modules_to_save(model, config.modules_to_save)
+    targets = _targets_outside(find_target_modules(model, config.target_modules), save_names, config)
+    for name in save_names:
+        module = model.get_submodule(name)
+        if not isinstance(module, SavedModule):
+            module = SavedModule(module)
+            _replace_module(model, name, module)
+        module.add_adapter(adapter_name)
     loftq_errors = []
     for name in targets:
         module = model.get_submodule(name)
@@ -580,9 +604,10 @@ def inject_lora(
             loftq_errors.append(init.error)
     if loftq_errors:
         _log_loftq(loftq_errors, config)
-    # a copy: the caller's lists may be changed later (PEFT's LoraConfig appends to modules_to_save in place)
-    model.lorakit_adapters = {**adapter_configs(model), adapter_name: copy.deepcopy(config)}
-    freeze_base(model, [m for a in adapter_configs(model) for m in modules_to_save(model, a)])
+    # a copy, with the modules resolved: the caller's lists may change later (PEFT's LoraConfig appends in place)
+    resolved = dataclasses.replace(copy.deepcopy(config), modules_to_save=list(save_names))
+    model.lorakit_adapters = {**adapter_configs(model), adapter_name: resolved}
+    freeze_base(model)
     set_adapter(model, adapter_name)
     return targets
 
@@ -606,42 +631,58 @@ def _log_loftq(errors: list[tuple[float, float]], config: LoraConfig) -> None:
 
 
 def modules_to_save(model: nn.Module, adapter_name: str) -> list[str]:
-    """Full names of the modules `adapter_name` trains in full."""
-    return _find_modules_to_save(model, adapter_configs(model)[adapter_name].modules_to_save)
+    """Full names of the modules `adapter_name` trains in full (its copies live in `<name>.modules_to_save`)."""
+    return [name for name, module in saved_modules(model) if adapter_name in module.modules_to_save]
 
 
-def _check_save_owners(model: nn.Module, save_names: list[str], adapter_name: str) -> None:
-    # NOTE: a module trained in full exists once (PEFT keeps a copy per adapter); two adapters that
-    # both train it would overwrite each other's weights, so that is refused instead.
-    for other in adapter_configs(model):
-        shared = sorted(set(save_names) & set(modules_to_save(model, other)))
-        if shared:
-            raise ValueError(
-                f"adapter {adapter_name!r} trains {shared} in full, but adapter {other!r} already does; lorakit keeps "
-                "one copy of a fully trained module, so load the second adapter into its own model instance"
-            )
+def resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
+    """Full module names for `lora.modules_to_save` (None: the classifier head of a sequence classifier);
+    warns when a sequence classifier would train, and so save, no head."""
+    found = classifier_head(model) if names is None else _find_modules_to_save(model, names)
+    found = [n for n in found if not any(n.startswith(f"{outer}.") for outer in found)]  # outermost only
+    for name in found:
+        module = model.get_submodule(name)
+        if isinstance(module, LoraLinear) or any(isinstance(m, LoraLinear) for m in module.modules()):
+            raise ValueError(f"lora.modules_to_save entry {name!r} carries LoRA layers of another adapter; a module "
+                             "trained in full cannot also be LoRA-adapted -- load this adapter into its own model")
+    if is_sequence_classifier(model) and not carries_head(model, found):
+        heads = classifier_head(model)
+        fix = (f"Leave lora.modules_to_save unset (null) to train and save {heads}, as PEFT's task_type=SEQ_CLS does."
+               if heads else "Name the module that computes the logits in lora.modules_to_save.")
+        log.warning("lora.modules_to_save=%s trains no classification head of this %s: the adapter will not carry one, "
+                    "so its predictions depend on the base's head -- random whenever the base was not trained for this "
+                    "task. %s", names, type(model).__name__, fix)
+    return found
+
+
+def _targets_outside(targets: list[str], save_names: list[str], config: LoraConfig) -> list[str]:
+    """The LoRA targets not inside a module trained in full (PEFT skips those too)."""
+    inside = tuple(f"{n}." for n in save_names)
+    kept = [t for t in targets if t not in save_names and not t.startswith(inside)]
+    if not kept:
+        raise ValueError(f"lora.target_modules {config.target_modules!r} matched only layers inside the modules trained "
+                         f"in full ({save_names}); target layers outside them, or change lora.modules_to_save")
+    return kept
 
 
 def _find_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
     found = []
-    module_names = [n for n, _ in model.named_modules()]
+    module_names = [n for n, _ in model.named_modules() if base_name(n) == n]
     for wanted in names:
         hits = [n for n in module_names if _suffix_match(n, wanted)]
         if not hits:
             heads = [n for n in module_names if n.rsplit(".", 1)[-1] in OUTPUT_HEADS]
-            raise ValueError(f"lora.modules_to_save entry {wanted!r} matched no module; heads here: {heads}")
-        found += hits
+            raise ConfigError(f"lora.modules_to_save entry {wanted!r} matched no module; heads here: {heads}")
+        found += [n for n in hits if n not in found]
     return found
 
 
-def freeze_base(model: nn.Module, trainable_modules: Sequence[str] = ()) -> None:
-    """requires_grad only on LoRA factors and on modules trained in full (e.g. a classifier head)."""
+def freeze_base(model: nn.Module) -> None:
+    """requires_grad only on LoRA factors and on copies of modules trained in full (`set_adapter` then
+    leaves only the active adapter's trainable)."""
     for name, param in model.named_parameters():
-        param.requires_grad = ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name
-    for name in trainable_modules:
-        for param in model.get_submodule(name).parameters():
-            param.requires_grad = True
-    model.lorakit_modules_to_save = list(trainable_modules)
+        param.requires_grad = (".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name
+                               or ".modules_to_save." in name)
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -658,12 +699,9 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
-    """Make `name` the adapter every wrapped layer applies, and (as in PEFT) the one whose factors
-    are trainable; the other adapters' factors get requires_grad=False.
-
-    NOTE: a module trained in full (modules_to_save) is not per adapter: it applies whichever adapter
-    is active, and `adapters_disabled` does not restore the base head (PEFT keeps a copy; we do not).
-    """
+    """Make `name` the adapter every wrapped layer applies, and (as in PEFT) the one whose factors and
+    module copies are trainable; the other adapters' get requires_grad=False. A module `name` does not
+    train in full computes with the base's own weights."""
     if name not in adapter_configs(model):
         raise ValueError(f"no adapter named {name!r}; adapters here: {list(adapter_configs(model))}")
     for _, layer in lora_layers(model):
@@ -671,12 +709,15 @@ def set_adapter(model: nn.Module, name: str) -> None:
         for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
             for adapter, factor in store.items():
                 factor.requires_grad_(adapter == name)
+    for _, saved in saved_modules(model):
+        saved.set_adapter(name)
 
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Inside this block the model computes the base output (adapters skipped, not removed)."""
-    layers = [layer for _, layer in lora_layers(model)]
+    """Inside this block the model computes the base output (adapters skipped, not removed; modules trained
+    in full compute with the base's own weights, as PEFT's ModulesToSaveWrapper does)."""
+    layers = [layer for _, layer in lora_layers(model)] + [saved for _, saved in saved_modules(model)]
     previous = [layer.disabled for layer in layers]
     for layer in layers:
         layer.disabled = True
@@ -708,11 +749,16 @@ def adapter_rows(model: nn.Module, names: Sequence[str | None], grouped: bool = 
         for layer in group:
             layer.row_plan = plan
         layers += group
+    saved = [module for _, module in saved_modules(model)]
+    for module in saved:
+        module.row_adapters = list(names)
     try:
         yield
     finally:
         for layer in layers:
             layer.row_plan = None
+        for module in saved:
+            module.row_adapters = None
 
 
 class _RowLayers:
@@ -783,6 +829,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         layer.scaling.pop(name, None)
         layer.active_adapters = [n for n in layer.active_adapters if n != name]
         layer.stacks.clear()
+    for module_name, saved in list(saved_modules(model)):
+        if name in saved.modules_to_save:
+            saved.remove_adapter(name)
+        if not len(saved.modules_to_save):  # no adapter trains it any more: the base's own module again
+            _replace_module(model, module_name, saved.original_module)
     del configs[name]
     model.lorakit_adapters = configs
 
@@ -834,6 +885,8 @@ def merge_lora_weights(model: nn.Module, remove_wrappers: bool = True) -> nn.Mod
         if remove_wrappers:
             _replace_module(model, name, layer.base_layer)
     if remove_wrappers:
+        for name, saved in list(saved_modules(model)):  # the active adapter's trained copy replaces the original
+            _replace_module(model, name, saved.active_module())
         plain = _dequantize_remaining(model)
         if quantized or plain:
             log.warning(
@@ -841,7 +894,6 @@ def merge_lora_weights(model: nn.Module, remove_wrappers: bool = True) -> nn.Mod
                 "%d 4-bit layers without an adapter were dequantized too", quantized, _model_dtype(model), plain,
             )
         model.lorakit_adapters = {}
-        model.lorakit_modules_to_save = []
         for param in model.parameters():
             param.requires_grad = False
     return model

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lorakit.adapters import load_lora_adapter
+from lorakit.adapters import adapter_num_labels, load_lora_adapter
 from lorakit.config import QuantConfig
 from lorakit.errors import ModelLoadError
 from lorakit.quant.stream import load_quantized_model
@@ -27,6 +27,19 @@ log = logging.getLogger(__name__)
 
 
 
+def _check_model_dir(base_model: str) -> None:
+    """A local path must be a model directory: say so before transformers blames the tokenizer or sentencepiece
+    (a tokenizer alone loads without config.json, so load_tokenizer asks only once it has failed)."""
+    path = Path(base_model)
+    if path.is_file():
+        raise ModelLoadError(f"base_model {base_model!r} is a file; point it at a model directory (config.json, "
+                             "*.safetensors, tokenizer files) or a hub id")
+    if path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(p.name for p in path.iterdir())[:8]
+        raise ModelLoadError(f"base_model {base_model!r} has no config.json (found: {found or 'nothing'}); point it "
+                             "at a transformers model directory (config.json, *.safetensors, tokenizer files)")
+
+
 def load_tokenizer(base_model: str, revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
@@ -34,6 +47,7 @@ def load_tokenizer(base_model: str, revision: str | None = None) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as e:
+        _check_model_dir(path)
         raise ModelLoadError(_not_found(base_model, "tokenizer", e)) from None
     if tokenizer.pad_token_id is None:
         # Padding positions are always masked out of attention and loss, so reusing EOS is safe here;
@@ -58,6 +72,7 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": dtype, "revision": revision}
     if task == "seq_cls" and num_labels:
         kwargs["num_labels"] = num_labels
+    _check_model_dir(path)
     try:
         model = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
@@ -105,6 +120,8 @@ def load_base(
     """(model, tokenizer): the base in `dtype` on `device`, eval mode; its linears in NF4 when `quant` is
     given (QLoRA, `serve --quant nf4`); a saved PEFT-format `adapter` directory attached when given."""
     tokenizer = load_tokenizer(base_model, revision)
+    if task == "seq_cls" and num_labels is None and adapter is not None:  # the head the adapter was trained with
+        num_labels = adapter_num_labels(adapter)
     if quant is None:
         model = load_model(base_model, task, dtype, device, revision, num_labels)
     else:  # quantized while loading: the full-precision model never exists (peak ≈ 4-bit model + one tensor)

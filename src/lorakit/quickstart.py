@@ -40,7 +40,7 @@ def run_quickstart(output_dir: Path, steps: int | None = None, progress: bool = 
         config.train.eval_every = max(1, steps // 3)
         config.train.save_every = max(1, steps // 2)
     _say(f"[2/4] QLoRA fine-tuning ({config.train.max_steps} steps, r={config.lora.r}, targets={config.lora.target_modules})")
-    result = train_lora(config, progress=progress)
+    result = train_lora(config, progress=progress, overwrite=True)  # a rerun moves the last one aside
     print(format_summary(result))
 
     _say("[3/4] base versus tuned on the same held-out examples")

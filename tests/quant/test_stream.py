@@ -232,3 +232,4 @@ def test_model_type_needing_weight_conversion_is_refused_clearly(tmp_path):
     tf.MixtralForCausalLM(config).save_pretrained(tmp_path / "mixtral")
     with pytest.raises(ModelLoadError, match=r"model type 'mixtral'.*weight conversion.*load_model \+ quantize_model"):
         load_quantized_model(tmp_path / "mixtral")
+

@@ -112,7 +112,7 @@ def test_lora_over_nf4_base_tiled_vs_plain(small_tiles, monkeypatch, tiny):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_tiled_path_never_makes_the_whole_weight():
+def test_tiled_path_never_makes_the_whole_weight(small_tiles):
     """In a fresh thread (fresh scratch buffers): no buffer holds more than one tile."""
     state = quantize_nf4(_randn(1024, 256, seed=14))
     sizes: dict = {}
@@ -125,6 +125,8 @@ def test_tiled_path_never_makes_the_whole_weight():
     thread = threading.Thread(target=run)
     thread.start()
     thread.join()
+    scales = sizes.pop(("absmax codes", torch.int64))  # one code per 64 weights: the layer's decoded scales
+    assert scales == 1024 * 256 // 64
     assert sizes and max(sizes.values()) <= qlinear.TILE_BYTES // 4 < 1024 * 256
 
 

@@ -24,12 +24,21 @@ from lorakit.data.collate import (
 )
 from lorakit.data.formats import DataError, Record, load_records, read_rows
 from lorakit.data.split import dedup, hash_split, leakage
-from lorakit.data.templates import BUILTIN_TEMPLATES, IGNORE, Example, encode_record, resolve_template
+from lorakit.data.templates import (
+    BUILTIN_TEMPLATES,
+    CHARS_PER_TOKEN,
+    IGNORE,
+    Example,
+    clip_record,
+    encode_classification,
+    encode_record,
+    resolve_template,
+)
 
 __all__ = [
-    "BUILTIN_TEMPLATES", "IGNORE", "DataError", "Example", "PackedRow", "PreparedData", "Record", "collate",
-    "encode_record", "inspect_data", "model_inputs", "pack_examples", "packed_positions_and_mask", "padding_waste", "prepare_data",
-    "read_rows", "read_rows_only", "training_rows",
+    "BUILTIN_TEMPLATES", "IGNORE", "DataError", "Example", "PackedRow", "PreparedData", "Record", "check_num_labels",
+    "collate", "encode_classification", "encode_record", "inspect_data", "model_inputs", "pack_examples",
+    "packed_positions_and_mask", "padding_waste", "prepare_data", "read_rows", "read_rows_only", "training_rows",
 ]
 log = logging.getLogger(__name__)
 
@@ -56,8 +65,12 @@ def read_rows_only(source: str) -> list[dict[str, Any]]:
     return [row for row, _ in read_rows(source)]
 
 
-def prepare_data(config: Any, tokenizer: Any, task: str = "causal_lm", batch_size: int = 4) -> PreparedData:
-    """`config` is a DataConfig. Reads, cleans, splits and tokenizes; raises DataError on bad input."""
+def prepare_data(config: Any, tokenizer: Any, task: str = "causal_lm", batch_size: int = 4,
+                 label_names: list[str] | None = None) -> PreparedData:
+    """`config` is a DataConfig. Reads, cleans, splits and tokenizes; raises DataError on bad input.
+
+    seq_cls with class names: `label_names` is the id order a trained head uses (the adapter's); None = the
+    names found in the data, sorted."""
     if not config.train:
         raise DataError("data.train is not set: point it at a .jsonl/.json/.csv/.parquet file or directory")
     stats: dict[str, Any] = {}
@@ -73,7 +86,7 @@ def prepare_data(config: Any, tokenizer: Any, task: str = "causal_lm", batch_siz
         log.warning("%d eval examples also appear in train (%d exact, %d near); see `lorakit data inspect`",
                     stats["leakage"]["exact"] + stats["leakage"]["near"], stats["leakage"]["exact"], stats["leakage"]["near"])
     stats["data_hash"] = data_hash(train, evals)
-    label_names = _label_names(train + evals) if task == "seq_cls" else None
+    label_names = _label_names(train + evals, label_names, config) if task == "seq_cls" else None
     needs_template = any(r.format == "chat" for r in train + evals)
     template = resolve_template(tokenizer, config.chat_template) if needs_template else None
     train_ex = _encode(train, tokenizer, template, config, label_names, stats, "train")
@@ -109,47 +122,75 @@ def data_hash(train: list[Record], evals: list[Record]) -> str:
     h = hashlib.sha256()
     for side, records in (("train", train), ("eval", evals)):
         for r in records:
-            h.update(json.dumps([side, r.format, r.messages, r.prompt, r.response, r.label]).encode())
+            pair = [] if r.text_pair is None else [r.text_pair]  # rows without a pair hash as they always did
+            h.update(json.dumps([side, r.format, r.messages, r.prompt, r.response, r.label, *pair]).encode())
     return h.hexdigest()[:16]
 
 
-def _label_names(records: list[Record]) -> list[str] | None:
+def _label_names(records: list[Record], known: list[str] | None, config: Any) -> list[str] | None:
     labels = {r.label for r in records}
     if all(isinstance(x, int) for x in labels):
         return None
     if not all(isinstance(x, str) for x in labels):
         raise DataError("seq_cls labels mix class ids and class names; use one or the other")
-    return sorted(labels)
+    if known is None:
+        return sorted(labels)
+    unknown = sorted(labels - set(known))
+    if unknown:
+        raise DataError(f"{config.eval or config.train}: labels {unknown} are not among the classes the model was "
+                        f"trained on ({known}, the adapter's id2label); use those names, or retrain with this data")
+    return list(known)
+
+
+def check_num_labels(data: PreparedData, num_labels: int, where: str, fix: str) -> None:
+    """Raise DataError when a class id of the data does not fit a head with `num_labels` outputs; `where`
+    names that head (e.g. "num_labels in the config") and `fix` says what to change."""
+    ids = sorted({e.labels for e in data.train + data.eval if isinstance(e.labels, int)})
+    named_all = data.label_names is None or len(data.label_names) == num_labels  # a named head names every output
+    if named_all and (not ids or (ids[0] >= 0 and ids[-1] < num_labels)):
+        return
+    what = f"{len(data.label_names)} classes {data.label_names}" if data.label_names else f"class ids {ids[0]}..{ids[-1]}"
+    raise DataError(f"the data has {what}, but {where} is {num_labels} (class ids 0..{num_labels - 1}); {fix}")
 
 
 def _encode(records: list[Record], tokenizer: Any, template: str | None, config: Any, label_names: list[str] | None,
             stats: dict[str, Any], side: str) -> list[Example]:
-    """Tokenize, truncate (or drop) at max_seq_len, and drop examples left without supervision."""
-    out, truncated, lost, dropped_long, unsupervised = [], 0, 0, 0, []
+    """Tokenize, truncate (or drop) at max_seq_len, and drop examples left without supervision.
+
+    Text beyond max_seq_len × CHARS_PER_TOKEN characters is cut before tokenizing (bounded memory); such a
+    row counts as truncated, and its tokens_lost_to_truncation only up to the cut."""
+    out, truncated, lost, dropped_long, unsupervised, cut_rows = [], 0, 0, 0, [], 0
     for r in records:
+        r, cut = clip_record(r, config.max_seq_len * CHARS_PER_TOKEN)
+        cut_rows += cut
         ex = encode_record(r, tokenizer, template, config.train_on)
-        if label_names is not None:
-            ex.labels = label_names.index(ex.labels)
-        if len(ex) > config.max_seq_len:
+        if cut or len(ex) > config.max_seq_len:
             if config.truncation == "drop":
                 dropped_long += 1
                 continue
             truncated += 1
-            lost += len(ex) - config.max_seq_len
-            ex.input_ids = ex.input_ids[: config.max_seq_len]
-            if not isinstance(ex.labels, int):
-                ex.labels = ex.labels[: config.max_seq_len]
+            lost += max(0, len(ex) - config.max_seq_len)
+            ex = _truncate(ex, r, tokenizer, config.max_seq_len)
+        if label_names is not None:
+            ex.labels = label_names.index(ex.labels)
         if ex.supervised() == 0:
             unsupervised.append(r.origin)
             continue
         out.append(ex)
     stats[side] = {"examples": len(out), "truncated": truncated, "tokens_lost_to_truncation": lost,
                    "dropped_too_long": dropped_long, "dropped_no_supervised_tokens": len(unsupervised),
-                   "dropped_examples": unsupervised[:3]}
+                   "dropped_examples": unsupervised[:3], "cut_before_tokenizing": cut_rows}
     if unsupervised:
         log.warning("%s: dropped %d examples with no supervised token after truncation (e.g. %s)",
                     side, len(unsupervised), ", ".join(unsupervised[:3]))
     return out
+
+
+def _truncate(ex: Example, record: Record, tokenizer: Any, max_len: int) -> Example:
+    """The first max_len tokens; a classification row is cut by the tokenizer, so [SEP] still closes it."""
+    if record.label is not None:
+        return encode_classification(record, tokenizer, max_len)
+    return Example(ex.input_ids[:max_len], ex.labels[:max_len], ex.origin)
 
 
 def token_stats(examples: list[Example], config: Any, task: str, batch_size: int) -> dict[str, Any]:

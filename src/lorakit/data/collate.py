@@ -81,7 +81,13 @@ def collate(rows: Sequence[Example | PackedRow], pad_id: int, packing: bool = Fa
     if isinstance(rows[0], Example) and isinstance(rows[0].labels, int):  # sequence classification
         lengths = torch.tensor([min(len(r), width) for r in rows])
         mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([r.labels for r in rows])}
+        out = {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([r.labels for r in rows])}
+        if rows[0].token_type_ids is not None:  # (B, T): segment of each token, 0 for padding
+            types = torch.zeros((len(rows), width), dtype=torch.long)
+            for b, r in enumerate(rows):
+                types[b, : lengths[b]] = torch.tensor(r.token_type_ids[: lengths[b]])
+            out["token_type_ids"] = types
+        return out
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     for b, r in enumerate(rows):
         n = min(len(r), width)

@@ -8,6 +8,9 @@ Accepted row formats (detected from the fields, or declared with `data.format`):
     completion  {"prompt": "...", "completion": "..."}
     text        {"text": "..."}
 
+With task seq_cls every row is {"text": "...", "label": class id or name}, plus "text_pair" for a sentence
+pair (NLI: premise in text, hypothesis in text_pair).
+
 Each row keeps its origin (`file:line`), so every later error can point at the line to fix. Errors
 are `DataError`s with a message a person can act on -- never a traceback from inside a parser.
 """
@@ -46,11 +49,14 @@ class Record:
     prompt: str = ""
     response: str = ""
     label: Any = None  # seq_cls: the class of a text row
+    text_pair: str | None = None  # seq_cls: the second text of a sentence pair (the row's text is in response)
 
     def text(self) -> str:
         """All of the row's text, for dedup, hashing and leakage checks."""
         if self.format == "chat":
             return "\n".join(f"{m['role']}: {m['content']}" for m in self.messages)
+        if self.text_pair is not None:
+            return f"{self.response}\n{self.text_pair}"
         return f"{self.prompt}\n{self.response}" if self.prompt else self.response
 
 
@@ -198,11 +204,13 @@ def normalize(row: dict[str, Any], origin: str, declared: str = "auto", task: st
 
 def _classification_record(row: dict[str, Any], origin: str) -> Record:
     if "text" not in row or "label" not in row:
-        raise DataError(f"{origin}: task seq_cls needs rows with 'text' and 'label'; fields found: {sorted(row)}")
+        raise DataError(f"{origin}: task seq_cls needs rows with 'text' and 'label' (and 'text_pair' for a sentence "
+                        f"pair); fields found: {sorted(row)}")
     label = row["label"]
     if isinstance(label, bool) or not isinstance(label, (int, str)):
         raise DataError(f"{origin}: 'label' must be an integer class id or a class name, got {label!r}")
-    return Record("text", origin, response=_string(row, "text", origin), label=label)
+    pair = _string(row, "text_pair", origin) if row.get("text_pair") is not None else None
+    return Record("text", origin, response=_string(row, "text", origin), label=label, text_pair=pair)
 
 
 def _string(row: dict[str, Any], key: str, origin: str) -> str:

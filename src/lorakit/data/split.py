@@ -51,8 +51,13 @@ def minhash(shingle_set: set[int]) -> np.ndarray:
     """(64,) MinHash signature: min over the set of a·x + b (mod 2^64) for 64 random (a, b)."""
     a, b = _coefficients()
     x = np.fromiter((s % _PRIME for s in shingle_set), dtype=np.uint64, count=len(shingle_set))
-    # uint64 wrap-around instead of an exact mod-p product: still a fine family of hash functions
-    return (x[:, None] * a[None, :] + b[None, :]).min(0)
+    # uint64 wrap-around instead of an exact mod-p product: still a fine family of hash functions.
+    # In blocks of 16k shingles: a 5 MB row has ~10^6 of them, and (10^6, 64) uint64 would be 0.5 GB at once.
+    out = np.full(_PERMS, np.iinfo(np.uint64).max, dtype=np.uint64)
+    for start in range(0, len(x), 1 << 14):
+        block = x[start:start + (1 << 14)]
+        out = np.minimum(out, (block[:, None] * a[None, :] + b[None, :]).min(0))
+    return out
 
 
 def jaccard(a: set[int], b: set[int]) -> float:

@@ -22,6 +22,7 @@ the EOS stays supervised when pad == eos.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,10 @@ from lorakit.data.formats import DataError, Record
 
 log = logging.getLogger(__name__)
 IGNORE = -100
+# Characters kept per token of max_seq_len before tokenizing. A token covers at least part of one character,
+# so the first max_seq_len tokens lie far inside this budget (~4 characters per token in English); a 5 MB
+# row is then never tokenized whole (offset mappings of millions of tokens: gigabytes).
+CHARS_PER_TOKEN = 32
 
 BUILTIN_TEMPLATES: dict[str, str] = {
     "chatml": (
@@ -62,6 +67,7 @@ class Example:
     input_ids: list[int]
     labels: list[int] | int  # an int class id for seq_cls
     origin: str = ""
+    token_type_ids: list[int] | None = None  # seq_cls with a tokenizer that makes them (BERT: 0 = text, 1 = pair)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -154,10 +160,32 @@ def _learned(text: str, s: int, e: int, a: int, b: int) -> bool:
     return lo < hi and ((a <= s and e <= b) or not text[lo:hi].isspace())
 
 
+def clip_record(record: Record, max_chars: int) -> tuple[Record, bool]:
+    """`record` with its text cut to `max_chars` characters in reading order, and whether anything was cut.
+
+    What is cut lies beyond max_seq_len tokens and would be truncated anyway; the message list keeps its
+    shape (later turns become empty), so the chat template renders it as before.
+    NOTE: a tokenizer whose tokens average more than CHARS_PER_TOKEN characters could lose text it would
+    have kept."""
+    if record.format == "chat":
+        left, messages, cut = max_chars, [], False
+        for m in record.messages:
+            content = m.get("content")
+            if isinstance(content, str) and len(content) > left:
+                m, cut = {**m, "content": content[:left]}, True
+            left = max(0, left - len(m.get("content") or ""))
+            messages.append(m)
+        return (dataclasses.replace(record, messages=messages), True) if cut else (record, False)
+    if len(record.prompt) + len(record.response) <= max_chars:
+        return record, False
+    prompt = record.prompt[:max_chars]
+    return dataclasses.replace(record, prompt=prompt, response=record.response[:max_chars - len(prompt)]), True
+
+
 def encode_record(record: Record, tokenizer: Any, template: str | None, train_on: str = "assistant") -> Example:
     """A Record as token ids with the loss mask of `train_on` (assistant | all)."""
     if record.label is not None:  # classification: the whole text in, one class out
-        return Example(tokenizer(record.response)["input_ids"], record.label, record.origin)
+        return encode_classification(record, tokenizer)
     if record.format == "chat":
         text, spans = chat_spans(tokenizer, record.messages, template, record.origin)
         ids, labels = tokenize_spans(tokenizer, text, spans, train_on == "all")
@@ -168,6 +196,16 @@ def encode_record(record: Record, tokenizer: Any, template: str | None, train_on
         return Example(prompt + response, [IGNORE] * len(prompt) + response, record.origin)
     labels = list(prompt) if train_on == "all" else [IGNORE] * len(prompt)
     return Example(prompt + response, labels + response, record.origin)
+
+
+def encode_classification(record: Record, tokenizer: Any, max_len: int | None = None) -> Example:
+    """A classification row framed by the tokenizer itself, no chat template: `[CLS] text [SEP]`, or
+    `[CLS] text [SEP] text_pair [SEP]` with token_type_ids 0…0 1…1 for an encoder; BOS + text for a decoder.
+    With `max_len` the tokenizer truncates (longest text first), keeping the closing [SEP]."""
+    cut = {"truncation": "longest_first", "max_length": max_len} if max_len else {}
+    enc = tokenizer(record.response, record.text_pair, **cut)
+    types = enc.get("token_type_ids")
+    return Example(list(enc["input_ids"]), record.label, record.origin, list(types) if types is not None else None)
 
 
 def _bos(tokenizer: Any) -> list[int]:

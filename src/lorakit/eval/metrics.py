@@ -198,24 +198,31 @@ def score_generations(
 
 
 def parse_thresholds(specs: Sequence[str] | dict[str, float]) -> dict[str, float]:
-    """`["exact_match=0.8", ...]` -> {"exact_match": 0.8}; names and values are checked up front."""
+    """`["exact_match=0.8", ...]` -> {"exact_match": 0.8}; names and values are checked up front, and every
+    bad spec is reported at once (ConfigError) -- the CLI calls this before the eval runs."""
+    items, problems = [], []
     if isinstance(specs, dict):
         items = list(specs.items())
     else:
-        items = []
         for spec in specs:
             name, sep, value = spec.partition("=")
             try:
-                items.append((name.strip(), float(value)))
+                number = float(value)
             except ValueError:
-                raise ConfigError(f"--fail-below {spec!r} must look like METRIC=VALUE, e.g. exact_match=0.8") from None
-            if not sep:
-                raise ConfigError(f"--fail-below {spec!r} must look like METRIC=VALUE, e.g. exact_match=0.8")
-    for name, _ in items:
+                number = None
+            if not sep or number is None:
+                problems.append(f"--fail-below {spec!r} must look like METRIC=VALUE, e.g. exact_match=0.8")
+            else:
+                items.append((name.strip(), number))
+    for name, value in items:
         if name in LOWER_IS_BETTER:
-            raise ConfigError(f"--fail-below {name}: {name} is lower-is-better; thresholds apply to {', '.join(RATE_METRICS)}")
-        if name not in RATE_METRICS:
-            raise ConfigError(f"--fail-below: unknown metric {name!r}; choose from {', '.join(RATE_METRICS)}")
+            problems.append(f"--fail-below {name}: {name} is lower-is-better; thresholds apply to {', '.join(RATE_METRICS)}")
+        elif name not in RATE_METRICS:
+            problems.append(f"--fail-below: unknown metric {name!r}; choose from {', '.join(RATE_METRICS)}")
+        elif not (isinstance(value, (int, float)) and 0 <= value <= 1):
+            problems.append(f"--fail-below {name}={value}: a threshold is a rate in [0, 1], e.g. {name}=0.8")
+    if problems:
+        raise ConfigError(problems, source="--fail-below")
     return dict(items)
 
 

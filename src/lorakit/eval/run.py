@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters import read_chat_template
-from lorakit.data import collate, prepare_data, read_rows_only, training_rows
+from lorakit.data import check_num_labels, collate, prepare_data, read_rows_only, training_rows
 from lorakit.errors import ConfigError, DataError
 from lorakit.eval.canary import canary_check, canary_rows, completion_batches
 from lorakit.eval.metrics import accuracy, macro_f1, score_generations
@@ -29,6 +29,7 @@ from lorakit.eval.prompts import (
 )
 from lorakit.eval.report import EvalReport
 from lorakit.generate import generate, model_device
+from lorakit.heads import label_names
 from lorakit.lora import adapters_disabled, lora_layers
 from lorakit.loss import loss_sum, supervised_tokens
 from lorakit.models import load_base
@@ -179,7 +180,7 @@ def evaluate_run(
         model, tokenizer = load_for_eval(config, Path(adapter_dir) if adapter_dir else None)
     elif tokenizer is None:
         raise ValueError("evaluate_run: pass the tokenizer together with the model")
-    data = prepare_data(config.data, tokenizer, config.task, config.train.micro_batch_size)
+    data = _eval_data(config, model, tokenizer)
     prompts, canary = None, None
     if config.task == "causal_lm":  # a classifier head has no text to generate and no LM loss to canary
         prompts, canary = _prompts(settings, data, tokenizer, read_chat_template(adapter_dir)), canary_rows(settings)
@@ -190,6 +191,17 @@ def evaluate_run(
     report = run_eval(model, tokenizer, settings, loss_batches=loss_batches, prompts=prompts, canary=canary, task=config.task)
     report.save(out_dir)
     return report
+
+
+def _eval_data(config: Any, model: nn.Module, tokenizer: Any) -> Any:
+    """The run's data; for a classifier, class names mapped to ids as the model's head was trained
+    (its id2label, from the adapter), and every id checked against the head's outputs."""
+    if config.task != "seq_cls":
+        return prepare_data(config.data, tokenizer, config.task, config.train.micro_batch_size)
+    data = prepare_data(config.data, tokenizer, config.task, config.train.micro_batch_size, label_names(model))
+    check_num_labels(data, model.config.num_labels, f"the head of {type(model).__name__} (num_labels)",
+                     "evaluate on data with the classes the adapter was trained on")
+    return data
 
 
 def _prompts(settings: EvalSettings, data: Any, tokenizer: Any, template: str | None) -> PromptSet:

@@ -25,6 +25,7 @@ merged and appended to its file, then dropped:
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -45,7 +46,7 @@ from lorakit.quant.safetensors_io import (
     read_tensor,
 )
 from lorakit.quant.stream import checkpoint_dir, empty_model
-from lorakit.runtime.atomic import atomic_directory
+from lorakit.runtime.outdir import check_output_dir, output_errors, replace_files
 
 EXTRA_SHARD = "model-lorakit-trained.safetensors"  # modules trained in full that the base does not have
 
@@ -58,12 +59,15 @@ def merge_adapter_streaming(
     quant_config: QuantConfig | None = None,
     task: Literal["causal_lm", "seq_cls"] = "causal_lm",
     revision: str | None = None,
+    force: bool = False,
 ) -> Path:
     """Write base + adapter as a transformers checkpoint in `out_dir` (atomically) and return it.
 
     base_dir: a local safetensors checkpoint or a hub id. base="nf4" merges into the dequantized 4-bit
     weights (`quant_config`, default QuantConfig(), must be the one used in training) -- what the
-    QLoRA-trained model computed with; "full" into the full-precision weights."""
+    QLoRA-trained model computed with; "full" into the full-precision weights. A non-empty `out_dir` is
+    refused unless `force`; then only the files written here are replaced (lorakit.runtime.outdir)."""
+    check_output_dir(out_dir, force)
     base_path = checkpoint_dir(base_dir, revision)
     checkpoint = CheckpointFiles.open(base_path)
     updates = _adapter_updates(Path(adapter_dir))
@@ -76,7 +80,7 @@ def merge_adapter_streaming(
             f"adapter {adapter_dir} adapts {unknown[:5]}, which {base_path} has no '.weight' tensor for: "
             "the adapter was trained for another base model"
         )
-    with atomic_directory(out_dir) as tmp:
+    with output_errors(out_dir, "--out"), replace_files(out_dir) as tmp:
         _copy_side_files(base_path, tmp)
         for file in dict.fromkeys(info.file for info in checkpoint.tensors.values()):
             _write_shard(file, tmp / file.name, updates, full, (quantized, conv1d), quant_config or QuantConfig())
@@ -156,8 +160,6 @@ def _write_shard(src: Path, dst: Path, updates: dict, full: dict, kinds: tuple[s
 def _write_extra(checkpoint: CheckpointFiles, tmp: Path, extra: dict[str, torch.Tensor]) -> None:
     """Trained modules the base lacks: one more shard (in the dtype of the base's largest tensor, as the
     in-memory merge casts them to the model's dtype), and an index that names it."""
-    import json
-
     largest = max(checkpoint.tensors.values(), key=lambda info: info.nbytes)
     extra = {k: t.to(largest.dtype) if t.is_floating_point() else t for k, t in extra.items()}
     layout = [(name, t.dtype, tuple(t.shape)) for name, t in extra.items()]

@@ -24,11 +24,11 @@ import torch
 from lorakit.adapters import (
     CONFIG_FILE,
     META_FILE,
-    TEMPLATE_FILE,
     AdapterError,
     base_fingerprint,
     read_adapter_config,
     read_adapter_tensors,
+    read_chat_template,
     read_metadata,
     split_adapter_keys,
 )
@@ -226,8 +226,7 @@ def resolve_inputs(path: str | Path, base: str | None = None) -> ExportInputs:
         raise ExportError(f"{path} is neither a run directory (config.yaml + adapter/ or model/), an adapter directory "
                           f"({CONFIG_FILE}) nor a model directory (config.json); found: {found}")
     base_name = base or _base_name(adapter_dir)
-    template_file = adapter_dir / TEMPLATE_FILE
-    template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
+    template = read_chat_template(adapter_dir)
     name = (path if adapter_dir != path else adapter_dir).name
     return ExportInputs(local_model_dir(base_name), adapter_dir, template, name)
 

@@ -18,7 +18,7 @@ on a CPU, where large allocations go back to the OS when freed). Bit-exact with 
 Few rows (batch-1 training and decoding): the matmul is bound by the weight, not by the rows, and
 writing the whole fp32 Ŵ out to memory and reading it back costs more than the multiply. `nf4_linear` /
 `nf4_grad_input` then go tile by tile over output rows: R rows of Ŵ (R·in·4 bytes ≈ TILE_BYTES, so the
-tile stays in the L2 cache) are decoded and multiplied at once,
+tile stays in the last-level cache) are decoded and multiplied at once,
 
     y[:, o:o+R]  = x Ŵ[o:o+R]ᵀ            forward, (M, in) x (R, in)ᵀ, written as yᵀ rows (R, M)
     ∂x          += g[:, o:o+R] Ŵ[o:o+R]    backward, (M, R) x (R, in), accumulated over tiles
@@ -54,7 +54,9 @@ _FP32_SCALES = ("absmax", "absmax2", "offset")
 _STORAGE = ("packed", "absmax", "qabsmax", "absmax2", "offset")  # NF4State tensor fields
 
 
-TILE_BYTES = 512 * 2**10  # one decoded fp32 tile: half of a 1 MiB L2 cache
+TILE_BYTES = 16 * 2**20  # one decoded fp32 tile: half of a 32 MiB L3 cache
+# NOTE: not smaller: on a CPU shared with other jobs every matmul call can wait a time slice for its second
+# thread, and 512 KiB tiles (88 calls per 2048x5632 layer) measured up to 25x slower than one call.
 TILED_MAX_ROWS = 128  # above this, one matmul on the whole Ŵ wins (measured: bench/bench_big.py, bench/RESULTS.md)
 _scratch = threading.local()  # per thread: {(role, dtype): 1-D buffer}, grown to the largest layer seen
 

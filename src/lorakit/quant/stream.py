@@ -9,14 +9,16 @@
          anything else    ->  to device, in its storage dtype (below)    ->  the model's parameter
     4. tie shared parameters, check nothing is left on meta, eval mode
 
-Peak memory (the formula the advisor uses; B = bytes):
+Peak memory of the load (`streamed_load_peak_bytes`, for the advisor):
 
-    peak ≈ Σ_targets 0.516·n  +  Σ_others n·b_storage  +  transient(largest tensor)
-    transient(target, n weights)  ≈  n·(b_ckpt + 4 + 4 + 4 + 1)   read, fp32 upcast, |w|·scale, codes, packed
-    transient(other)              ≈  n·b_ckpt   (one more n·b_storage while a dtype cast runs)
+    peak ≈ baseline + Σ_targets nf4(n) + Σ_others n·b_storage + max_targets n·b_ckpt + QUANT_CHUNK·20 B
+    nf4(n) = ⌈n/2⌉ + ⌈n/64⌉ + 4·⌈n/16384⌉ + 4          codes, 8-bit scales, fp32 scales, offset
 
-so for Llama-3-8B (bf16): 3.35 GiB NF4 + 1.96 GiB bf16 embeddings/head + ~0.8 GiB for one
-14336x4096 MLP weight, against 30 GiB for load-then-quantize in fp32.
+The target weights are read, one at a time, into a single reused buffer (max_targets n·b_ckpt) and
+quantized 2M weights at a time (QUANT_CHUNK: ~20 bytes per weight of temporaries); other tensors are
+read into the memory they keep. Measured (bench/bench_big.py, VmHWM, imports ~0.24 GiB included):
+0.97B Llama 1.20 GiB for 0.71 GiB of weights (transformers + bitsandbytes: 3.66 GiB); Llama-3-8B shape
+5.95 GiB for 5.31 GiB (the formula: 5.70 GiB with 0.24 GiB of imports).
 
 Storage dtypes of what is not quantized (`storage_dtype=None`):
 - input embeddings and the output head (2-D, vocabulary-sized: the bulk of what is not quantized)
@@ -46,7 +48,7 @@ from torch import nn
 from lorakit.config import QuantConfig
 from lorakit.errors import ModelLoadError
 from lorakit.quant.linear import CastLinear, NF4Linear, quant_targets
-from lorakit.quant.nf4 import quantize_nf4
+from lorakit.quant.nf4 import QUANT_CHUNK, quantize_nf4
 from lorakit.quant.safetensors_io import CheckpointError, CheckpointFiles, TensorInfo, read_tensor
 
 LEGACY_RENAMES = [(r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$", "LayerNorm.bias")]
@@ -94,6 +96,14 @@ def load_quantized_model(
     _summarize(model, info)
     model.lorakit_load = info
     return model.eval()
+
+
+def streamed_load_peak_bytes(nf4_bytes: int, other_bytes: int, largest_target_bytes: int,
+                             baseline_bytes: int = 0) -> int:
+    """The load-phase peak of `load_quantized_model` (module docstring): the final weights (`StreamedLoad`'s
+    nf4_bytes + other_bytes), the reused read buffer (the largest target weight as stored in the checkpoint)
+    and one chunk of quantization temporaries, on top of the process's own `baseline_bytes`."""
+    return baseline_bytes + nf4_bytes + other_bytes + largest_target_bytes + 20 * QUANT_CHUNK
 
 
 def checkpoint_dir(path_or_dir: str | Path, revision: str | None = None) -> Path:

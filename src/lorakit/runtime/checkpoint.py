@@ -4,7 +4,7 @@
       trainable.safetensors   every parameter with requires_grad (LoRA factors, heads, or all for full)
       optimizer.pt            optimizer + scheduler state (tensors and numbers only: loads with weights_only=True)
       state.json              step, micro-batches consumed, epoch, best eval, early-stopping counter,
-                              RNG states (a list: one per rank)
+                              RNG states (a list: one per rank), the resolved config and the data hash
 
 Exact resume needs the same trainable weights, optimizer moments, schedule position, RNG states
 (dropout masks) and position in the data order; the data order itself is a pure function of
@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lorakit.errors import TrainingError
 from lorakit.runtime.atomic import atomic_directory, recover_directory
 from lorakit.runtime.distributed import (
     barrier,
@@ -91,7 +92,13 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor], sou
     params = dict(model.named_parameters())
     missing = sorted(set(tensors) - set(params))
     if missing:
-        raise ValueError(f"checkpoint {source} has parameters this model lacks ({missing[:3]}...); was the config changed?")
+        raise TrainingError(f"checkpoint {source} has parameters this model lacks ({missing[:3]}...): lora.target_modules "
+                            f"or method changed since it was saved; restore them, or start over with --overwrite")
+    shapes = [f"{n} {tuple(t.shape)} saved, {tuple(params[n].shape)} now" for n, t in tensors.items()
+              if tuple(t.shape) != tuple(params[n].shape)]
+    if shapes:
+        raise TrainingError(f"checkpoint {source} holds tensors of other shapes ({'; '.join(shapes[:3])}): lora.r or "
+                            f"the base model changed since it was saved; restore them, or start over with --overwrite")
     for name, tensor in tensors.items():
         copy_full_(params[name], tensor)
 
@@ -128,8 +135,10 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    state: RunState, keep: int) -> Path:
+                    state: RunState, keep: int, record: dict[str, Any] | None = None) -> Path:
     """Write checkpoints/step-N atomically, then delete all but the newest `keep`.
+
+    `record` (the resolved config and the data hash) goes into state.json, for `--resume` to compare.
 
     Every rank calls this (gathering is collective); rank 0 alone writes, with every rank's RNG state."""
     tensors = trainable_state(model)
@@ -141,7 +150,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         with atomic_directory(target) as tmp:
             save_file(tensors, str(tmp / "trainable.safetensors"))
             torch.save(optim, tmp / "optimizer.pt")
-            (tmp / "state.json").write_text(json.dumps({"run": asdict(state), "rng": rng}))
+            (tmp / "state.json").write_text(json.dumps({"run": asdict(state), "rng": rng, **(record or {})}))
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()

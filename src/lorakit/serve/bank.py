@@ -14,7 +14,7 @@ from typing import Any
 from safetensors import safe_open
 from torch import nn
 
-from lorakit.adapters import TEMPLATE_FILE, WEIGHTS_FILE, load_lora_adapter, read_adapter_config
+from lorakit.adapters import WEIGHTS_FILE, load_lora_adapter, read_adapter_config, read_chat_template
 from lorakit.errors import AdapterError
 from lorakit.lora import adapter_configs, delete_adapter
 from lorakit.serve.openai import ServeError, bad_request
@@ -149,9 +149,7 @@ class AdapterBank:
         except (AdapterError, ValueError) as e:  # AdapterError is a ValueError; so are LoraConfig problems
             raise ServeError(400, f"adapter {name!r} was not loaded: {e}", param="lora_path",
                              code="adapter_incompatible") from None
-        template = directory / TEMPLATE_FILE
-        return Adapter(name, key, directory, int(config.get("r", 0)),
-                       template.read_text(encoding="utf-8") if template.is_file() else None, int(time.time()))
+        return Adapter(name, key, directory, int(config.get("r", 0)), read_chat_template(directory), int(time.time()))
 
     def _delete(self, adapter: Adapter) -> None:
         with self.model_lock:

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorakit.config import RunConfig
+from lorakit.config import RunConfig, to_dict
 from lorakit.data import collate, training_rows
 from lorakit.errors import TrainingError
 from lorakit.loss import loss_sum, supervised_tokens
@@ -204,10 +204,11 @@ class Loop:
         if tensors is not None:
             load_trainable_state(self.model, tensors, path)
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> Path:
         self.state.elapsed_s = self.elapsed()
-        save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, self.state,
-                        self.config.train.keep_checkpoints)
+        return save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, self.state,
+                               self.config.train.keep_checkpoints,
+                               {"config": to_dict(self.config), "data_hash": self.data.stats.get("data_hash")})
 
     def resume(self) -> None:
         found = broadcast(newest_checkpoint(self.run_dir) if is_main() else None)
@@ -258,7 +259,9 @@ class Loop:
         except KeyboardInterrupt:
             self.stop_reason = "interrupted"
             if self.world == 1:  # NOTE: across ranks a checkpoint is collective; an interrupt may hit one rank only
-                self.checkpoint()
+                print(f"interrupted at step {self.state.step}: saved {self.checkpoint()}; continue with --resume",
+                      file=sys.stderr)
+            raise
         finally:
             bar.close()
             if metrics is not None:

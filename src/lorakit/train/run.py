@@ -4,7 +4,6 @@ save, evaluate at the end.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,8 @@ import torch
 from lorakit.advise import available_memory, check_fits
 from lorakit.advise.check import init_time_warning
 from lorakit.config import RunConfig, dump_yaml, load_run_config
-from lorakit.data import prepare_data
-from lorakit.errors import TrainingError
+from lorakit.data import check_num_labels, prepare_data
+from lorakit.errors import ConfigError, TrainingError
 from lorakit.eval import evaluate_run
 from lorakit.lora import parameter_report
 from lorakit.models import load_tokenizer
@@ -29,39 +28,59 @@ from lorakit.runtime.distributed import (
     world_size,
     wrap_model,
 )
+from lorakit.runtime.outdir import output_errors
+from lorakit.runtime.resume import check_resume
+from lorakit.runtime.rundir import RunDirClaim, claim_run_dir
 from lorakit.train.loop import Loop, run_loop
 from lorakit.train.outputs import TrainResult, adapter_fingerprint, save_outputs, write_summary
 from lorakit.train.setup import prepare_model
 
 
 def train_lora(config: RunConfig | str | Path, overrides: list[str] | None = None, resume: bool = False,
-               progress: bool = True, memory_check: bool = True) -> TrainResult:
+               progress: bool = True, memory_check: bool = True, overwrite: bool = False,
+               resume_anyway: bool = False, source: str | Path | None = None) -> TrainResult:
     """Run one fine-tuning job end to end and return where everything went.
 
     `config` is a RunConfig or a YAML path (validated whole before any weight is loaded). With
     `memory_check` the advisor predicts the peak memory from config.json alone and stops the run, with
     what to change, before any weight is loaded when it would not fit. Under torchrun every rank calls
-    this (see lorakit.runtime.distributed); a worker group that torchrun restarted resumes by itself."""
+    this (see lorakit.runtime.distributed); a worker group that torchrun restarted resumes by itself.
+
+    An output_dir holding a previous run is refused unless `resume` (continue it: the checkpoint's config
+    and data must match, or `resume_anyway`) or `overwrite` (moved aside once everything is validated).
+    `source`: the YAML file the config came from (it may live in output_dir without counting as a run)."""
+    if source is None and not isinstance(config, RunConfig) and config is not None:
+        source = Path(config)
     if not isinstance(config, RunConfig):
         config = load_run_config(config, overrides)
-    with process_group(config.train.device) as device:
-        return _train(config, device, resume or restarted(), progress and is_main(), memory_check)
+    if resume and overwrite:
+        raise ConfigError(["--resume continues the run in output_dir, --overwrite starts over: pass one of them"])
+    resume = resume or restarted()
+    mode = "resume" if resume else "overwrite" if overwrite else "new"
+    with process_group(config.train.device) as device, output_errors(config.output_dir), \
+            claim_run_dir(config.output_dir, mode, source, main=is_main()) as claim:
+        return _train(config, device, claim, progress and is_main(), memory_check, resume_anyway)
 
 
-def _train(config: RunConfig, device: torch.device, resume: bool, progress: bool, memory_check: bool) -> TrainResult:
+def _train(config: RunConfig, device: torch.device, claim: RunDirClaim, progress: bool, memory_check: bool,
+           resume_anyway: bool = False) -> TrainResult:
+    resume = claim.mode == "resume"
+    barrier()  # every rank has looked at output_dir (the claim) before rank 0 writes to it
     fsdp = config.train.parallel == "fsdp" and world_size() > 1
     if fsdp and config.train.optimizer != "adamw":
         raise TrainingError(f"train.optimizer: {config.train.optimizer} cannot update FSDP2-sharded parameters; "
                             f"use adamw with train.parallel: fsdp, or train.parallel: ddp")
     if memory_check and not fsdp:  # NOTE: the advisor models one device holding the whole model, not FSDP shards
         check_memory(config)
-    run_dir = prepare_run_dir(config, resume)
+    run_dir = claim.path
     dtype = pick_dtype(config.train.dtype, device)
     data = _prepare_data(config)
-    if is_main():
-        dump_yaml(config, run_dir / "config.yaml")  # again: data paths and num_labels may now be filled in
+    if resume:
+        check_resume(config, run_dir, data.stats.get("data_hash"), resume_anyway)
     torch.manual_seed(config.train.seed)  # the same initial adapter on every rank
-    model, tokenizer = prepare_model(config, device, dtype, load_on=torch.device("cpu") if fsdp else device)
+    model, tokenizer = prepare_model(config, device, dtype, load_on=torch.device("cpu") if fsdp else device,
+                                     label_names=data.label_names)
+    claim.commit()  # config, data and model are valid: only now may --overwrite move the previous run aside
     fingerprint = adapter_fingerprint(model, config)  # before FSDP2 turns NF4 codes into (sharded) parameters
     if is_main():
         print(parameter_report(model), file=sys.stderr)
@@ -71,6 +90,8 @@ def _train(config: RunConfig, device: torch.device, resume: bool, progress: bool
     loop = Loop(config, model, tokenizer, data, device, run_dir, progress, wrapped)
     if resume:
         loop.resume()
+    if is_main():  # once the checkpoint has loaded: a refused or failed resume leaves config.yaml as it was
+        dump_yaml(config, run_dir / "config.yaml")  # resolved: data paths and num_labels filled in
     run_loop(loop)
     adapter_dir = save_outputs(loop, fingerprint)
     summary = write_summary(loop, adapter_dir, device)
@@ -97,18 +118,6 @@ def evaluate_at_end(result: TrainResult, config: RunConfig, progress: bool) -> N
         print(report.markdown, file=sys.stderr)
 
 
-def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
-    """Create output_dir; a fresh run clears the previous one's files; rank 0 writes config.yaml."""
-    run_dir = Path(config.output_dir)
-    if is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            _clear_previous_run(run_dir)
-        dump_yaml(config, run_dir / "config.yaml")
-    barrier()
-    return run_dir
-
-
 def batch_report(config: RunConfig) -> str:
     """The global batch, printed at start: rows per micro-batch × micro-batches per rank × ranks."""
     tc, world = config.train, world_size()
@@ -133,12 +142,7 @@ def _prepare_data(config: RunConfig) -> Any:
     data = prepare_data(config.data, tokenizer, config.task, config.train.micro_batch_size)
     if config.task == "seq_cls" and config.num_labels is None:
         config.num_labels = len(data.label_names) if data.label_names else 1 + max(e.labels for e in data.train + data.eval)
+    elif config.task == "seq_cls":
+        check_num_labels(data, config.num_labels, "num_labels in the config",
+                         "fix the labels, or set num_labels to null to read it from the data")
     return data
-
-
-def _clear_previous_run(run_dir: Path) -> None:
-    """A fresh (non-resumed) run starts with empty metrics and no stale checkpoints."""
-    for name in ("metrics.jsonl", "summary.json", "loss.png"):
-        (run_dir / name).unlink(missing_ok=True)
-    for name in ("checkpoints", "best"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
