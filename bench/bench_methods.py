@@ -88,7 +88,8 @@ def markdown(rows: list[dict]) -> str:
              f"when rendered {', '.join(f'{x:.1f}' for x in os.getloadavg())} (other jobs share the cores: compare step "
              "times within this table only). The quickstart's run (demo base, r=16 alpha 32 on all linear layers, "
              "dropout 0, 150 steps, lr 3e-3 cosine, micro-batch 8 packed rows of 256 tokens) with only the method changed; "
-             "eval at the end on the demo task's eval split (greedy, 24 new tokens). Mean ± half the range over the seeds.",
+             "eval at the end on the demo task's eval split (greedy, 24 new tokens). Step time = the run's wall time / "
+             "steps (its 3 in-training evals included). Mean ± half the range over the seeds.",
              "", "| method | eval loss | exact match | label accuracy | step time | peak RSS |", "|---|---|---|---|---|---|"]
     for name in METHODS:
         group = [r for r in rows if r["method"] == name]
