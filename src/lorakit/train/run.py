@@ -14,8 +14,9 @@ import torch
 from lorakit.advise import available_memory, check_fits
 from lorakit.config import RunConfig, dump_yaml, load_run_config
 from lorakit.data import prepare_data
-from lorakit.errors import TrainingError
+from lorakit.errors import ConfigError, TrainingError
 from lorakit.eval import evaluate_run
+from lorakit.eval.periodic import output_problems
 from lorakit.lora import parameter_report
 from lorakit.models import load_tokenizer
 from lorakit.runtime.devices import pick_device, pick_dtype
@@ -43,6 +44,9 @@ def train_lora(config: RunConfig | str | Path, overrides: list[str] | None = Non
     this (see lorakit.runtime.distributed); a worker group that torchrun restarted resumes by itself."""
     if not isinstance(config, RunConfig):
         config = load_run_config(config, overrides)
+    problems = output_problems(config)  # metrics that need labels or a schema, before any weight loads
+    if problems:
+        raise ConfigError(problems)
     with process_group(config.train.device) as device:
         return _train(config, device, resume or restarted(), progress and is_main(), memory_check)
 
@@ -136,5 +140,5 @@ def _clear_previous_run(run_dir: Path) -> None:
     """A fresh (non-resumed) run starts with empty metrics and no stale checkpoints."""
     for name in ("metrics.jsonl", "summary.json", "loss.png"):
         (run_dir / name).unlink(missing_ok=True)
-    for name in ("checkpoints", "best"):
+    for name in ("checkpoints", "best", "adapter-last", "model-last"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
