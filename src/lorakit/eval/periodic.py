@@ -31,14 +31,15 @@ from lorakit.config import EVERY_EVAL_METRICS, EvalConfig, RunConfig
 from lorakit.data import read_rows_only
 from lorakit.errors import ConfigError
 from lorakit.eval.canary import canary_rows, completion_batches
+from lorakit.eval.judge import Judge
 from lorakit.eval.metrics import parse_json, score_generations
 from lorakit.eval.prompts import PromptSet, load_schema, prompts_from_examples, prompts_from_rows
 from lorakit.eval.run import eval_classifier, eval_loss
 from lorakit.generate import generate
 from lorakit.lora import adapters_disabled, lora_layers
 
-Judge = Callable[[list[str], list[str], list[str]], dict[str, float]]
-"""(prompts, answers, references) -> {"judge_score": mean in [0, 1], "judge_failures": count}."""
+JudgeFn = Callable[[list[str], list[str], list[str]], dict[str, float]]
+"""(prompts, answers, references) -> {"judge_score": mean in [0, 1], "judge_failures": count}: a `Judge`."""
 
 
 def prompt_subset(prompts: PromptSet, n: int, seed: int) -> PromptSet:
@@ -98,7 +99,7 @@ class PeriodicEval:
     """Measures a model during training; see the module docstring. One instance per run (it caches the base canary)."""
 
     def __init__(self, settings: EvalConfig, tokenizer: Any, task: str, prompts: PromptSet | None,
-                 canary: Sequence[dict[str, str]] | None, wanted: Sequence[str] | None = None, judge: Judge | None = None):
+                 canary: Sequence[dict[str, str]] | None, wanted: Sequence[str] | None = None, judge: JudgeFn | None = None):
         self.settings, self.tokenizer, self.task = settings, tokenizer, task
         self.prompts, self.canary, self.judge = prompts, list(canary) if canary else None, judge
         self.wanted = set(wanted) if wanted is not None else None
@@ -159,9 +160,10 @@ def _change(loss: float, base: float) -> float:
     return math.exp(min(loss - base, 700.0)) - 1
 
 
-def build_periodic_eval(config: RunConfig, data: Any, tokenizer: Any, judge: Judge | None = None) -> PeriodicEval | None:
+def build_periodic_eval(config: RunConfig, data: Any, tokenizer: Any) -> PeriodicEval | None:
     """The run's PeriodicEval (None when eval.every_eval is off); a ConfigError names any requested metric that
-    these prompts cannot produce (e.g. json_valid when the references are not JSON and there is no schema)."""
+    these prompts cannot produce (e.g. json_valid when the references are not JSON and there is no schema).
+    With eval.judge (and judge.during_training) the judge's requests go to output_dir/judge.jsonl."""
     settings = config.eval
     if settings.every_eval is False:
         return None
@@ -183,4 +185,7 @@ def build_periodic_eval(config: RunConfig, data: Any, tokenizer: Any, judge: Jud
     wanted = settings.every_eval if isinstance(settings.every_eval, list) else None
     if wanted is not None and config.train.select_best.metric in EVERY_EVAL_METRICS:
         wanted = [*wanted, config.train.select_best.metric]
+    judge = None
+    if settings.judge.base_url and settings.judge.during_training and config.task == "causal_lm":
+        judge = Judge(settings.judge, config.output_dir)
     return PeriodicEval(settings, tokenizer, config.task, prompts, canary, wanted, judge)

@@ -138,7 +138,7 @@ def _prepare_data(config: RunConfig) -> Any:
 
 def _clear_previous_run(run_dir: Path) -> None:
     """A fresh (non-resumed) run starts with empty metrics and no stale checkpoints."""
-    for name in ("metrics.jsonl", "summary.json", "loss.png"):
+    for name in ("metrics.jsonl", "summary.json", "loss.png", "judge.jsonl"):  # NOTE: judge_cache.jsonl is kept
         (run_dir / name).unlink(missing_ok=True)
     for name in ("checkpoints", "best", "adapter-last", "model-last"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
