@@ -12,13 +12,20 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import save_tiny_base, write_text_data
-from lorakit.config import EVERY_EVAL_METRICS, LOWER_IS_BETTER_METRICS, SELECTABLE_METRICS, load_run_config
+from lorakit.config import (
+    EVERY_EVAL_METRICS,
+    LOWER_IS_BETTER_METRICS,
+    SELECTABLE_METRICS,
+    dump_yaml,
+    load_run_config,
+)
 from lorakit.errors import ConfigError
 from lorakit.eval import ALL_METRICS, LOWER_IS_BETTER, PromptSet
 from lorakit.eval.periodic import prompt_subset
 from lorakit.train import train_lora
 from lorakit.train.outputs import format_summary
 from lorakit.train.select import EvalEntry, Selection, choose, is_eligible
+from test_distributed import finish, launch
 
 # --------------------------------------------------------------------------- the rule, by hand
 
@@ -232,3 +239,89 @@ def test_resume_keeps_the_selection_history(base_dir, tmp_path, monkeypatch):
     y = load_file(Path(resumed.run_dir) / "adapter" / "adapter_model.safetensors")
     for k in x:
         torch.testing.assert_close(x[k], y[k], rtol=1e-4, atol=1e-6)
+
+
+def test_the_demo_keeps_its_task_settings_with_every_eval(tmp_path):
+    from lorakit.demo import resolve_demo, write_demo_data
+
+    paths = write_demo_data(tmp_path / "data", n_train=20, n_eval=8, n_canary=4)
+    config = load_run_config(None, [f"base_model={tmp_path}", f"data.train={paths['train']}", "eval.every_eval=true",
+                                    "eval.during_training_prompts=8", "train.select_best.metric=accuracy"])
+    resolved = resolve_demo(config)
+    assert resolved.eval.label_key == "sentiment" and resolved.eval.schema is not None
+    assert resolved.eval.every_eval is True and resolved.eval.during_training_prompts == 8
+
+
+# --------------------------------------------------------------------------- the built-in task, end to end
+
+
+@pytest.mark.slow
+def test_demo_task_chooses_by_exact_match_within_the_forgetting_budget(tmp_path):
+    """QLoRA-free LoRA on the demo task at a high learning rate: the canary jumps in the first evals (the
+    adapter answers everything as JSON) and recovers as the replayed chats teach it back. The chosen eval is
+    the best exact match among those within +10%; never one over budget; adapter/ holds its weights."""
+    from test_demo import demo_setup
+
+    setup = demo_setup()
+    p = setup.paths
+    config = load_run_config(None, [
+        f"base_model={setup.model_dir}", f"output_dir={tmp_path / 'run'}", f"data.train={p['train']}", f"data.eval={p['eval']}",
+        "data.max_seq_len=256", "data.packing=false", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0",
+        "train.micro_batch_size=16", "train.grad_accum=1", "train.max_steps=60", "train.lr=8e-3", "train.warmup_steps=5",
+        "train.log_every=10", "train.eval_every=10", "train.save_every=null", "train.gradient_checkpointing=false",
+        "train.device=cpu", "train.dtype=float32", "eval.at_end=false", "eval.every_eval=true",
+        "eval.during_training_prompts=16", "eval.generation.max_new_tokens=12", "eval.label_key=sentiment",
+        f"eval.schema={p['schema']}", f"eval.canary={p['canary']}", "train.select_best.metric=exact_match"])
+    result = train_lora(config, progress=False, memory_check=False)
+    print("\n" + format_summary(result))
+    sel = result.summary["selection"]
+    evals = sel["evals"]
+    assert len(evals) >= 6 and all(e["canary_change"] is not None for e in evals)
+    for e in evals:
+        assert e["eligible"] == (e["canary_change"] <= 0.10)
+    eligible = [e for e in evals if e["eligible"]]
+    if not eligible:
+        assert sel["chosen_step"] is None
+        return
+    chosen = next(e for e in evals if e["step"] == sel["chosen_step"])
+    assert chosen["eligible"] and chosen["value"] == max(e["value"] for e in eligible)
+    lowest = min(evals, key=lambda e: e["eval_loss"])
+    if lowest["value"] < chosen["value"] or not lowest["eligible"]:  # the metric (or the canary) says otherwise
+        assert sel["chosen_step"] != lowest["step"]
+    rows = metric_rows(result.run_dir)
+    assert all({"exact_match", "json_valid", "schema_valid", "accuracy", "canary_change"} <= set(r) for r in rows)
+    assert (result.run_dir / "adapter-last").is_dir() and (result.run_dir / "loss.png").stat().st_size > 10_000
+
+
+# --------------------------------------------------------------------------- distributed: rank 0 measures
+
+
+def test_ddp_rank0_measures_and_every_rank_agrees(tmp_path):
+    """`--nproc 2` (DDP): rank 0 generates and scores the canary while rank 1 waits for the broadcast; the eval
+    history and the choice equal one process with the same global batch."""
+    base = save_tiny_base(tmp_path / "base")
+    overrides = ["train.select_best.metric=canary_loss", "train.select_best.max_forgetting=null", "train.max_steps=8",
+                 "train.micro_batch_size=2", "train.grad_accum=2", "train.eval_every=4", "train.save_every=null"]
+    ddp = tiny_config(base, tmp_path / "ddp", *overrides)
+    dump_yaml(ddp, tmp_path / "ddp.yaml")
+    out = finish(launch("lorakit", "train", str(tmp_path / "ddp.yaml"), "--nproc", "2", "--quiet", "--no-memory-check"))
+    assert out.count("completed:") == 1, out
+    single = train_lora(tiny_config(base, tmp_path / "single", *overrides, "train.grad_accum=4"), progress=False,
+                        memory_check=False)
+    got = json.loads((Path(ddp.output_dir) / "summary.json").read_text())["selection"]
+    expected = single.summary["selection"]
+    assert [e["step"] for e in got["evals"]] == [e["step"] for e in expected["evals"]] and got["chosen_step"] == expected["chosen_step"]
+    for a, b in zip(got["evals"], expected["evals"], strict=True):
+        assert a["value"] == pytest.approx(b["value"], abs=1e-5) and a["canary_change"] == pytest.approx(b["canary_change"], abs=1e-5)
+
+
+def test_every_eval_refuses_an_fsdp_sharded_model(base_dir, tmp_path, monkeypatch):
+    import lorakit.train.loop as loop_mod
+    from lorakit.data import prepare_data
+    from lorakit.train import Loop, TrainingError, prepare_model
+
+    config = tiny_config(base_dir, tmp_path)
+    model, tokenizer = prepare_model(config, torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(loop_mod, "sharded", lambda model: True)
+    with pytest.raises(TrainingError, match="eval.every_eval cannot generate from an FSDP2-sharded model"):
+        Loop(config, model, tokenizer, prepare_data(config.data, tokenizer), torch.device("cpu"), tmp_path, False)
