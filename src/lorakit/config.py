@@ -331,7 +331,9 @@ class EvalConfig:
     schema: str | dict | None = _help("JSON schema (path or mapping) the outputs must satisfy; null = none.", default=None)
     label_key: str | None = _help("JSON key holding the class in outputs and references (accuracy, macro F1).", default=None)
     canary: str | None = _help(
-        'Forgetting canary: "builtin", a JSONL of {"prompt", "completion"} rows, or null = off.', default="builtin"
+        'Forgetting canary: "builtin", a JSONL of open {"prompt", "completion"} rows and/or multiple-choice '
+        '{"prompt", "options", "answer"} rows (scored by option likelihood: canary_accuracy), or null = off.',
+        default="builtin"
     )
     canary_max_increase: float = _help("Flag forgetting when canary perplexity rises by more than this share.", default=0.10)
     batch_size: int = _help("Rows per generation / loss batch.", default=16)

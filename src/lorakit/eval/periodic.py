@@ -6,7 +6,7 @@ so at each eval, besides the loss, `PeriodicEval.measure(model)` returns
     task metrics    greedy answers to a fixed, seeded subset of `eval.during_training_prompts` eval prompts,
                     scored as `lorakit eval` scores them (exact match, JSON validity, accuracy, ...; a classifier
                     head: accuracy and macro F1 over the eval rows)
-    canary_loss     token-weighted loss of the canary's completions
+    canary_loss     token-weighted loss of the canary's completions (+ canary_accuracy over its multiple-choice rows)
     canary_change   exp(L_canary(now) - L_canary(base)) - 1, the perplexity rise over the base; the base's
                     loss is computed once (adapters disabled) and cached
     judge_score     with eval.judge: the judge's mean score of the answers, rescaled to [0, 1]
@@ -30,7 +30,7 @@ from torch import nn
 from lorakit.config import EVERY_EVAL_METRICS, EvalConfig, RunConfig
 from lorakit.data import read_rows_only
 from lorakit.errors import ConfigError
-from lorakit.eval.canary import canary_rows, completion_batches
+from lorakit.eval.canary import canary_rows, completion_batches, option_accuracy
 from lorakit.eval.judge import Judge
 from lorakit.eval.metrics import parse_json, score_generations
 from lorakit.eval.prompts import PromptSet, load_schema, prompts_from_examples, prompts_from_rows
@@ -139,6 +139,9 @@ class PeriodicEval:
         loss = self.canary_loss(model)
         if loss is not None:
             scores["canary_loss"] = loss
+            mc = option_accuracy(model, self.tokenizer, self.canary, self.settings.batch_size)
+            if mc is not None:
+                scores["canary_accuracy"] = mc
             base = self.measure_base(model)
             if base is not None:
                 scores["canary_change"] = _change(loss, base)

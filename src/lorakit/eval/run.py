@@ -18,7 +18,7 @@ from torch import nn
 from lorakit.adapters import read_chat_template
 from lorakit.data import collate, prepare_data, read_rows_only, training_rows
 from lorakit.errors import ConfigError, DataError
-from lorakit.eval.canary import canary_check, canary_rows, completion_batches
+from lorakit.eval.canary import canary_check, canary_rows, completion_batches, option_accuracy
 from lorakit.eval.judge import Judge
 from lorakit.eval.metrics import accuracy, macro_f1, score_generations
 from lorakit.eval.prompts import (
@@ -106,6 +106,9 @@ def score_model(
     if canary:
         result = eval_loss(model, completion_batches(tokenizer, canary, settings.batch_size))
         scores |= {"canary_loss": result["loss"], "canary_perplexity": result["perplexity"]}
+        mc = option_accuracy(model, tokenizer, canary, settings.batch_size)
+        if mc is not None:
+            scores["canary_accuracy"] = mc
     return scores, outputs
 
 
