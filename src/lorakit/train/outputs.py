@@ -51,7 +51,7 @@ def save_outputs(loop: Loop, fingerprint: dict[str, Any] | None = None) -> Path 
     config, run_dir = loop.config, loop.run_dir
     name = "model" if config.method == "full" else "adapter"
     if is_main():
-        plot_losses(loop.state.history, run_dir / "loss.png", loop.selection.chosen_step)
+        plot_losses(loop.state.history, run_dir / "loss.png", loop.selection.chosen_step, loop.selection.max_forgetting)
     if loop.selection.active:
         _save_weights(loop, f"{name}-last", fingerprint, chosen=False)
         if loop.selection.chosen_step is not None:
@@ -104,24 +104,37 @@ PLOTTED_METRICS = ("exact_match", "token_f1", "rouge_l", "json_valid", "schema_v
                    "judge_score")
 
 
-def plot_losses(history: list[dict[str, Any]], path: Path, chosen_step: int | None = None) -> None:
+def plot_losses(history: list[dict[str, Any]], path: Path, chosen_step: int | None = None,
+                budget: float | None = None) -> None:
     """Train and eval loss; beside them, when eval.every_eval measured them, the task metrics and the canary's
-    perplexity change at each eval (the chosen eval marked)."""
+    perplexity change at each eval, with the forgetting budget and the chosen eval marked."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         log.warning("matplotlib is not installed; skipping %s (pip install 'lorakit[plot]')", path)
         return
     evals = [r for r in history if "eval_loss" in r or "canary_change" in r]
-    metrics = [m for m in PLOTTED_METRICS if any(m in r for r in evals)]
+    metrics = _distinct_series(evals, [m for m in PLOTTED_METRICS if any(m in r for r in evals)])
     canary = any("canary_change" in r for r in evals)
     # A bare Figure renders with Agg on savefig and never touches pyplot's global backend or state.
     fig = Figure(figsize=(13 if metrics or canary else 7, 4), layout="tight")
     axes = fig.subplots(1, 2) if metrics or canary else [fig.subplots()]
     _plot_loss_panel(axes[0], history, chosen_step)
     if len(axes) > 1:
-        _plot_metric_panel(axes[1], evals, metrics, canary, chosen_step)
+        _plot_metric_panel(axes[1], evals, metrics, canary, chosen_step, budget)
     fig.savefig(path, dpi=100)
+
+
+def _distinct_series(evals: list[dict[str, Any]], names: list[str]) -> dict[str, str]:
+    """{metric: legend label}; metrics with the same values at every eval share one line ("exact_match = accuracy")."""
+    labels: dict[str, str] = {}
+    for name in names:
+        twin = next((m for m in labels if all(r.get(m) == r.get(name) for r in evals)), None)
+        if twin is None:
+            labels[name] = name
+        else:
+            labels[twin] += f" = {name}"
+    return labels
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -142,20 +155,21 @@ def _plot_loss_panel(ax: Any, history: list[dict[str, Any]], chosen_step: int | 
     ax.legend()
 
 
-def _plot_metric_panel(ax: Any, evals: list[dict[str, Any]], metrics: list[str], canary: bool,
-                       chosen_step: int | None) -> None:
-    for metric in metrics:
-        ax.plot(*_series(evals, metric), marker="o", label=metric)
+def _plot_metric_panel(ax: Any, evals: list[dict[str, Any]], metrics: dict[str, str], canary: bool,
+                       chosen_step: int | None, budget: float | None) -> None:
+    for metric, label in metrics.items():
+        ax.plot(*_series(evals, metric), marker="o", label=label)
     if canary:
         ax.plot(*_series(evals, "canary_change"), marker="s", color="red", linestyle="--", label="canary change")
-        ax.axhline(0.0, color="red", linewidth=0.5)
+        if budget is not None:
+            ax.axhline(budget, color="red", linewidth=0.8, linestyle=":", label=f"forgetting budget +{budget:.0%}")
     if chosen_step is not None:
         ax.axvline(chosen_step, color="green", linestyle=":")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("task metric; canary perplexity change")
     ax.set_title("at each eval")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
 
 
 def peak_memory_bytes(device: torch.device) -> int:
