@@ -75,11 +75,13 @@ def advise(
 
 
 def _eval_rows(config: RunConfig, train_examples: int | None) -> int | None:
-    """Eval rows of a split-off eval set (train examples are what is left after the split); unknown for data.eval."""
+    """Eval examples: counted in data.eval's file when it is here, else the split-off share (train examples are
+    what is left after the split)."""
+    if config.data.eval is not None:
+        path = Path(config.data.eval)
+        return data_stats(path, config.data.format, config.task).examples if path.exists() else None
     f = config.data.eval_fraction
-    if train_examples is None or config.data.eval is not None or f >= 1:
-        return None
-    return math.ceil(train_examples * f / (1 - f))
+    return None if train_examples is None else math.ceil(train_examples * f / (1 - f))
 
 
 def _start_config(config: RunConfig | str | Path | None, model: str | None, seq_len: int | None,
