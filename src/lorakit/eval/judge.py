@@ -11,7 +11,7 @@
                answer is judged once, however many evals or reruns ask again
     log        every judge request (messages) and its reply, one JSON line each, in judge.jsonl beside the report
 
-httpx is imported when a judge is first used (pip install httpx).
+httpx is imported when a judge is first used (pip install 'lorakit[judge]').
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from lorakit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "eval.judge needs httpx: pip install httpx"
+INSTALL_HINT = "eval.judge needs httpx: pip install 'lorakit[judge]'"
 RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
 CONCURRENCY = 8  # requests in flight at once
 SCORE = re.compile(r"-?\d+(?:\.\d+)?")
