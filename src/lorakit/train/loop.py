@@ -282,8 +282,8 @@ class Loop:
         self.base_elapsed = self.state.elapsed_s
         stream = self.plan.stream(self.state.micro_batches)
         bar = make_progress(self.total, self.state.step, self.progress)
-        metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") if is_main() else None
         self.measure_base()
+        metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") if is_main() else None
         try:
             while self.state.step < self.total:
                 epoch_before = self.state.micro_batches // self.plan.per_epoch

@@ -16,6 +16,7 @@ from torch import nn
 
 from lorakit.adapters import base_fingerprint, save_lora_adapter
 from lorakit.config import RunConfig
+from lorakit.eval.metrics import RATE_METRICS
 from lorakit.runtime.atomic import atomic_directory, atomic_file
 from lorakit.runtime.devices import proc_kib
 from lorakit.runtime.distributed import (
@@ -51,7 +52,8 @@ def save_outputs(loop: Loop, fingerprint: dict[str, Any] | None = None) -> Path 
     config, run_dir = loop.config, loop.run_dir
     name = "model" if config.method == "full" else "adapter"
     if is_main():
-        plot_losses(loop.state.history, run_dir / "loss.png", loop.selection.chosen_step, loop.selection.max_forgetting)
+        sel = loop.selection
+        plot_losses(loop.state.history, run_dir / "loss.png", sel.chosen_step if sel.active else None, sel.max_forgetting)
     if loop.selection.active:
         _save_weights(loop, f"{name}-last", fingerprint, chosen=False)
         if loop.selection.chosen_step is not None:
@@ -100,10 +102,6 @@ def adapter_fingerprint(model: nn.Module, config: RunConfig) -> dict[str, Any] |
     return base_fingerprint(model)
 
 
-PLOTTED_METRICS = ("exact_match", "token_f1", "rouge_l", "json_valid", "schema_valid", "accuracy", "macro_f1",
-                   "judge_score")
-
-
 def plot_losses(history: list[dict[str, Any]], path: Path, chosen_step: int | None = None,
                 budget: float | None = None) -> None:
     """Train and eval loss; beside them, when eval.every_eval measured them, the task metrics and the canary's
@@ -114,7 +112,7 @@ def plot_losses(history: list[dict[str, Any]], path: Path, chosen_step: int | No
         log.warning("matplotlib is not installed; skipping %s (pip install 'lorakit[plot]')", path)
         return
     evals = [r for r in history if "eval_loss" in r or "canary_change" in r]
-    metrics = _distinct_series(evals, [m for m in PLOTTED_METRICS if any(m in r for r in evals)])
+    metrics = _distinct_series(evals, [m for m in RATE_METRICS if any(m in r for r in evals)])
     canary = any("canary_change" in r for r in evals)
     # A bare Figure renders with Agg on savefig and never touches pyplot's global backend or state.
     fig = Figure(figsize=(13 if metrics or canary else 7, 4), layout="tight")
