@@ -166,3 +166,30 @@ def test_judge_score_selects_the_checkpoint_during_training(stub, tmp_path):
     assert set(evals[0]) >= {"exact_match", "judge_score", "judge_failures", "eval_loss"} and "json_valid" not in evals[0]
     assert result.summary["selection"]["metric"] == "judge_score" and result.summary["selection"]["chosen_step"] == evals[0]["step"]
     assert (result.run_dir / "judge.jsonl").is_file() and sum(Stub.seen.values()) >= 1
+
+
+def test_lorakit_eval_judges_base_and_tuned_answers(stub, tmp_path):
+    """run_eval with a judge: judge_score for the base (adapters off) and the tuned model, one request per distinct
+    answer, counted failures in the report's table."""
+    import torch
+    import transformers as tf
+
+    from conftest import randomize_lora, tiny_tokenizer
+    from lorakit.config import EvalConfig, GenerationConfig, LoraConfig
+    from lorakit.eval import PromptSet, run_eval
+    from lorakit.lora import inject_lora
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                                               pad_token_id=tok.pad_token_id)).eval()
+    inject_lora(model, LoraConfig(r=4, dropout=0.0))
+    randomize_lora(model)
+    prompts = PromptSet([tok("the cat sat")["input_ids"], tok("a dog ran")["input_ids"]], ["on the mat", "fast"])
+    judge = Judge(config(stub), tmp_path, backoff_s=0.01)
+    report = run_eval(model, tok, EvalConfig(generation=GenerationConfig(max_new_tokens=3), canary=None),
+                      prompts=prompts, judge=judge)
+    assert report.base["judge_score"] == report.tuned["judge_score"] == 0.0  # the stub gives these answers "1"
+    assert report.base["judge_failures"] == 0 and "| judge_score |" in report.markdown
+    assert judge.sent == len({json.loads(line)["key"] for line in (tmp_path / "judge.jsonl").read_text().splitlines()})
