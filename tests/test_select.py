@@ -129,6 +129,8 @@ def test_metric_lists_agree_with_the_eval_package():
 @pytest.mark.parametrize(("overrides", "message"), [
     (["train.select_best.metric=exact_match"], "measured during training only with eval.every_eval: true"),
     (["train.select_best.metric=judge_score", "eval.every_eval=true"], "judge_score needs a judge: set eval.judge.base_url"),
+    (["train.select_best.metric=judge_score", "eval.every_eval=true", "eval.judge.base_url=http://127.0.0.1:1/v1",
+      "eval.judge.model=m", "eval.judge.during_training=false"], "only with eval.judge.during_training: true"),
     (["eval.every_eval=[json_valid]", "train.select_best.metric=accuracy"], "accuracy is not in eval.every_eval"),
     (["task=seq_cls", "eval.every_eval=true", "train.select_best.metric=exact_match"], "exact_match is not produced by task seq_cls"),
     (["train.select_best.metric=exact_match", "train.select_best.mode=min", "eval.every_eval=true"], "mode min contradicts exact_match"),

@@ -574,6 +574,8 @@ class RunConfig:
         if "judge_score" in asked and self.eval.judge.base_url is None:
             out.append("judge_score needs a judge: set eval.judge.base_url and eval.judge.model (any OpenAI-compatible "
                        "endpoint, e.g. `lorakit serve`)")
+        elif "judge_score" in asked and not self.eval.judge.during_training:
+            out.append("judge_score is measured during training only with eval.judge.during_training: true")
         if metric not in (None, "eval_loss") and every is False:
             out.append(f"train.select_best.metric {metric} is measured during training only with eval.every_eval: true "
                        f"(or a list naming it)")

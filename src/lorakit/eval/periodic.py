@@ -64,7 +64,7 @@ def generation_metrics(settings: EvalConfig, prompts: PromptSet | None, task: st
         out.add("schema_valid")
     if prompts.labels is not None or settings.label_key is not None:
         out |= {"accuracy", "macro_f1"}
-    if settings.judge.base_url is not None:
+    if settings.judge.base_url is not None and settings.judge.during_training:
         out.add("judge_score")
     return out
 
