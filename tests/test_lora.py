@@ -208,7 +208,7 @@ def test_invalid_config_values_are_named():
     with pytest.raises(ValueError, match=r"lora.r must be an integer >= 1, got 0"):
         inject_lora(build_tiny("llama"), LoraConfig(r=0))
     problems = LoraConfig(init="xavier", dropout=1.5, target_modules="all_linear(").problems()
-    assert any("lora.init must be one of kaiming, gaussian; got 'xavier'" in p for p in problems)
+    assert any("lora.init must be one of kaiming, gaussian, pissa, pissa_niter_N, olora, loftq; got 'xavier'" in p for p in problems)
     assert any("lora.dropout must be in [0, 1)" in p for p in problems)
     assert any("neither a preset" in p for p in problems)
 
@@ -342,7 +342,7 @@ def test_every_invalid_lora_value_is_named_with_the_valid_choices():
         "lora.alpha must be a number > 0, got -1",
         "lora.dropout must be in [0, 1), got 1.0",
         "lora.target_modules must be a preset (minimal, attention, all-linear), a non-empty list of module-name suffixes, or a regex; got []",
-        "lora.init must be one of kaiming, gaussian; got 'xavier'",
+        "lora.init must be one of kaiming, gaussian, pissa, pissa_niter_N, olora, loftq; got 'xavier'",
         "lora.bias must be one of none; got 'all'",
         "lora.modules_to_save must be a list of module names or null (the task's default), got 'score'",
     ]

@@ -3,6 +3,7 @@
     adapter_dir/
       adapter_config.json          PEFT's LoraConfig fields (peft_type, r, lora_alpha, target_modules, ...)
       adapter_model.safetensors    base_model.model.<module>.lora_A.weight (r, in) / .lora_B.weight (out, r)
+                                   [/ .lora_magnitude_vector (out,) for DoRA]
                                    and base_model.model.<module>.<param> for modules trained in full
                                    (a classifier's head: base_model.model.score.weight, as PEFT writes it)
       lorakit.json                 base-model fingerprint, lorakit version, creation time, data hash,
@@ -28,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import WEIGHT_INITS, LoraConfig, init_kind
 from lorakit.errors import AdapterError
 from lorakit.heads import (
     SEQ_CLS_HEAD_NAMES,
@@ -38,6 +39,7 @@ from lorakit.heads import (
     saved_modules,
     set_label_names,
 )
+from lorakit.inits import converted_alpha, converted_factors
 from lorakit.lora import (
     LoraLinear,
     adapter_configs,
@@ -130,13 +132,20 @@ def base_weight_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
 # --------------------------------------------------------------------------- save
 
 
-def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's key names."""
+def lora_state_dict(model: nn.Module, adapter_name: str = "default", converted: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's key names. `converted`: a PiSSA/OLoRA adapter as plain LoRA of
+    rank 2r on the original base ([A ; A₀], [B | −B₀]; lorakit.inits.converted_factors)."""
     out = {}
     for name, layer in lora_layers(model):
         if adapter_name in layer.lora_A:
-            out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
-            out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+            A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            if converted:
+                A0, B0 = layer.initial_factors[adapter_name]
+                A, B = converted_factors(A.detach(), B.detach(), A0.to(A.device), B0.to(B.device))
+            out[f"{PREFIX}{name}.lora_A.weight"] = A
+            out[f"{PREFIX}{name}.lora_B.weight"] = B
+            if adapter_name in layer.lora_magnitude_vector:  # DoRA's m: PEFT drops the ".<adapter>.weight"
+                out[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight
     for module_name, saved in saved_modules(model):
         if adapter_name in saved.modules_to_save:  # PEFT's key: without `.modules_to_save.<adapter>`
             for pname, param in saved.modules_to_save[adapter_name].named_parameters():
@@ -157,21 +166,23 @@ def classifier_metadata(model: nn.Module, adapter_name: str = "default") -> dict
     }
 
 
-def peft_config_dict(model: nn.Module, config: LoraConfig, adapter_name: str, task_type: str | None) -> dict:
+def peft_config_dict(model: nn.Module, config: LoraConfig, adapter_name: str, task_type: str | None,
+                     converted: bool = False) -> dict:
     layers = [(n, layer) for n, layer in lora_layers(model) if adapter_name in layer.lora_A]
     config_obj = getattr(model, "config", None)
+    r, alpha = (2 * config.r, converted_alpha(config.alpha, config.use_rslora)) if converted else (config.r, config.alpha)
     return {
         "peft_type": "LORA",
         "task_type": task_type or _guess_task_type(model),
-        "r": config.r,
-        "lora_alpha": int(config.alpha) if float(config.alpha).is_integer() else config.alpha,
+        "r": r,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         "lora_dropout": config.dropout,
         "target_modules": _portable_targets(model, [n for n, _ in layers]),
         "bias": config.bias,
         "use_rslora": config.use_rslora,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "fan_in_fan_out": any(fan_in_fan_out(layer.base_layer) for _, layer in layers),
-        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "init_lora_weights": _peft_init(config, converted),
         "modules_to_save": modules_to_save(model, adapter_name) or None,
         "base_model_name_or_path": getattr(config_obj, "_name_or_path", None) or None,
         "revision": getattr(config_obj, "_commit_hash", None),
@@ -181,6 +192,17 @@ def peft_config_dict(model: nn.Module, config: LoraConfig, adapter_name: str, ta
         "layers_to_transform": None,
         "layers_pattern": None,
     }
+
+
+def _peft_init(config: LoraConfig, converted: bool) -> str | bool:
+    """PEFT's init_lora_weights. An unconverted PiSSA/OLoRA adapter keeps its init, so that PEFT (and lorakit)
+    recompute the reduced base W − s·B₀A₀ from the original W on load before copying the trained factors in
+    (exact for pissa and olora; pissa_niter_N's randomized SVD gives another reduced base, hence converted
+    saving by default). A converted one is plain LoRA; so is LoftQ's, whose factors apply to the 4-bit base
+    (PEFT's LoftQ example saves init_lora_weights=True too, since "loftq" would re-quantize on load)."""
+    if config.init == "gaussian":
+        return "gaussian"
+    return config.init if init_kind(config.init) in ("pissa", "olora") and not converted else True
 
 
 def _portable_targets(model: nn.Module, targets: list[str]) -> list[str]:
@@ -202,12 +224,20 @@ def save_lora_adapter(
     task_type: str | None = None,
     metadata: dict[str, Any] | None = None,
     chat_template: str | None = None,
+    converted: bool | None = None,
 ) -> Path:
-    """Write the adapter in PEFT's format (atomically) and return the directory."""
+    """Write the adapter in PEFT's format (atomically) and return the directory.
+
+    A PiSSA/OLoRA adapter is saved `converted` (default: its config's save_converted) to plain LoRA of rank
+    2r that applies to the original base, or as trained (it then applies to the reduced base only; PEFT and
+    lorakit recompute that base on load from the init recorded in adapter_config.json)."""
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise AdapterError(f"no adapter named {adapter_name!r} on this model; adapters here: {list(configs)}")
-    tensors = lora_state_dict(model, adapter_name)
+    config = configs[adapter_name]
+    convertible = init_kind(config.init) in ("pissa", "olora")
+    converted = convertible and (config.save_converted if converted is None else converted)
+    tensors = lora_state_dict(model, adapter_name, converted=converted)
 
     meta = {
         "lorakit_version": lorakit_version(),
@@ -215,11 +245,13 @@ def save_lora_adapter(
         "adapter_name": adapter_name,
         "base_model": base_fingerprint(model),
         **({"classifier": classifier_metadata(model, adapter_name)} if is_sequence_classifier(model) else {}),
+        **({"init": {"method": config.init, "converted": converted}} if init_kind(config.init) in WEIGHT_INITS else {}),
         **(metadata or {}),
     }
     with atomic_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(peft_config_dict(model, configs[adapter_name], adapter_name, task_type), indent=2))
+        peft_config = peft_config_dict(model, config, adapter_name, task_type, converted)
+        (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
         if chat_template:
             (tmp / TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
@@ -229,7 +261,9 @@ def save_lora_adapter(
 # --------------------------------------------------------------------------- load
 
 
-def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+def read_adapter_config(adapter_dir: str | Path, allow_dora: bool = False) -> dict[str, Any]:
+    """adapter_config.json as a dict, refusing what lorakit cannot apply; a DoRA adapter only for callers that
+    apply DoRA (`allow_dora`: loading into a model, the streamed merge) -- the others add s·BA."""
     path = Path(adapter_dir) / CONFIG_FILE
     if not path.is_file():
         found = sorted(p.name for p in Path(adapter_dir).iterdir()) if Path(adapter_dir).is_dir() else "nothing (no such directory)"
@@ -247,9 +281,16 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
                            "the file is corrupt or hand-edited -- re-save the adapter")
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; lorakit loads LORA adapters")
-    unsupported = {k: config[k] for k in ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform") if config.get(k)}
+    unsupported = {k: config[k] for k in ("rank_pattern", "alpha_pattern", "layers_to_transform") if config.get(k)}
     if unsupported:
         raise AdapterError(f"{path}: options {unsupported} are not supported by lorakit yet; merge them with PEFT instead")
+    if config.get("use_dora") and not allow_dora:
+        raise AdapterError(
+            f"{path}: a DoRA adapter (use_dora: true). This path applies adapters as a low-rank delta W + s·BA, but "
+            "DoRA also rescales every output row by m/‖W + s·BA‖ (lora_magnitude_vector), so it would be applied "
+            f"wrongly. Merge it into its base first (lorakit merge --adapter {Path(adapter_dir)}) and use the merged "
+            "model; lorakit's train, eval and generate load DoRA adapters as they are"
+        )
     return config
 
 
@@ -301,14 +342,15 @@ def load_lora_adapter(
     is False: the base's own head is then the one meant) and fit the model's num_labels; its class names
     (lorakit.json) become the model's id2label."""
     adapter_dir = Path(adapter_dir)
-    peft_config = read_adapter_config(adapter_dir)
+    peft_config = read_adapter_config(adapter_dir, allow_dora=True)
     tensors = read_adapter_tensors(adapter_dir)
     lora, full = split_adapter_keys(tensors, adapter_dir)
     meta = read_metadata(adapter_dir).get("classifier")
     _check_classifier(model, full, meta, adapter_dir, require_head)  # first: num_labels also changes the fingerprint
     if check_base:
         _check_fingerprint(model, adapter_dir)
-    _check_modules(model, lora, full, adapter_dir, int(peft_config.get("r", 8)))
+    use_dora = bool(peft_config.get("use_dora", False))
+    _check_modules(model, lora, full, adapter_dir, int(peft_config.get("r", 8)), use_dora)
     saved = saved_module_names(full, peft_config.get("modules_to_save"))
     config = LoraConfig(
         r=int(peft_config.get("r", 8)),
@@ -316,13 +358,29 @@ def load_lora_adapter(
         dropout=float(peft_config.get("lora_dropout", 0.0)),
         target_modules=sorted(lora),
         use_rslora=bool(peft_config.get("use_rslora", False)),
+        use_dora=use_dora,
+        init=_reduced_base_init(peft_config),
         modules_to_save=saved,
     )
-    targets = inject_lora(model, config, adapter_name)
+    try:
+        targets = inject_lora(model, config, adapter_name)
+    except ValueError as e:
+        if config.init == "kaiming":
+            raise
+        raise AdapterError(f"{adapter_dir / CONFIG_FILE}: init_lora_weights {config.init!r} means the factors apply to "
+                           f"the reduced base W − s·B₀A₀, which is recomputed from the original W on load, but: {e}. "
+                           "Load it onto the full-precision base, or save it converted (the default)") from None
     _copy_weights(model, lora, full, saved, adapter_name)
     if meta and is_sequence_classifier(model):
         set_label_names(model, [meta["id2label"][str(i)] for i in range(len(meta["id2label"]))])
     return targets
+
+
+def _reduced_base_init(peft_config: dict[str, Any]) -> str:
+    """pissa | pissa_niter_N | olora when the file holds unconverted factors (the base must be reduced as at
+    training start, as PEFT does on load); kaiming otherwise (the factors are then copied over the init)."""
+    init = peft_config.get("init_lora_weights", True)
+    return init if isinstance(init, str) and init_kind(init) in ("pissa", "olora") else "kaiming"
 
 
 def saved_module_names(full: dict[str, torch.Tensor], listed: list[str] | None) -> list[str]:
@@ -387,8 +445,7 @@ def split_adapter_keys(tensors: dict[str, torch.Tensor], adapter_dir: Path) -> t
     full: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         name = key.removeprefix(PREFIX)
-        for part in ("A", "B"):
-            suffix = f".lora_{part}.weight"
+        for part, suffix in (("A", ".lora_A.weight"), ("B", ".lora_B.weight"), ("m", ".lora_magnitude_vector")):
             if name.endswith(suffix):
                 lora.setdefault(name.removesuffix(suffix), {})[part] = tensor
                 break
@@ -397,16 +454,18 @@ def split_adapter_keys(tensors: dict[str, torch.Tensor], adapter_dir: Path) -> t
                 raise AdapterError(f"{adapter_dir / WEIGHTS_FILE}: key {key} is a LoRA variant lorakit does not load (only linear lora_A/lora_B)")
             full[name.replace(".modules_to_save.default", "")] = tensor
     for module, parts in lora.items():
-        if set(parts) != {"A", "B"}:
-            raise AdapterError(f"{adapter_dir / WEIGHTS_FILE}: {module} has lora_{''.join(parts)} but not its pair; the file is incomplete")
+        if not {"A", "B"} <= set(parts):
+            has = "lora_A" if "A" in parts else "lora_B" if "B" in parts else "only a DoRA lora_magnitude_vector"
+            raise AdapterError(f"{adapter_dir / WEIGHTS_FILE}: {module} has {has} but not its pair; the file is incomplete")
     if not lora:
         raise AdapterError(f"{adapter_dir / WEIGHTS_FILE} holds no lora_A/lora_B tensors (keys: {sorted(tensors)[:5]}); "
                            "it is not a LoRA adapter or the file is incomplete")
     return lora, full
 
 
-def _check_modules(model: nn.Module, lora: dict, full: dict, adapter_dir: Path, r: int) -> None:
-    """Every tensor must fit the layer it is for; r is the rank adapter_config.json declares."""
+def _check_modules(model: nn.Module, lora: dict, full: dict, adapter_dir: Path, r: int, use_dora: bool = False) -> None:
+    """Every tensor must fit the layer it is for; r is the rank adapter_config.json declares, use_dora whether
+    each module must carry DoRA's magnitude (out,)."""
     problems = []
     linear = set(linear_module_names(model))
     for module, parts in lora.items():
@@ -421,6 +480,11 @@ def _check_modules(model: nn.Module, lora: dict, full: dict, adapter_dir: Path, 
                 f"{module}: expected lora_A {want_a} and lora_B {want_b} for this model, found "
                 f"{tuple(parts['A'].shape)} and {tuple(parts['B'].shape)}"
             )
+        if use_dora and tuple(parts["m"].shape if "m" in parts else ()) != (out_f,):
+            found = tuple(parts["m"].shape) if "m" in parts else "none"
+            problems.append(f"{module}: use_dora is true, so lora_magnitude_vector must be ({out_f},); found {found}")
+        elif not use_dora and "m" in parts:
+            problems.append(f"{module}: holds a DoRA lora_magnitude_vector but {CONFIG_FILE} says use_dora: false")
     shapes = _full_shapes(model)
     for name, tensor in full.items():
         if name not in shapes:
@@ -485,9 +549,10 @@ def _copy_weights(model: nn.Module, lora: dict, full: dict, saved: list[str], ad
     with torch.no_grad():
         for module, parts in lora.items():
             layer = model.get_submodule(module)
-            for part, store in (("A", layer.lora_A), ("B", layer.lora_B)):
-                weight = store[adapter_name].weight
-                weight.copy_(parts[part].to(weight.dtype))
+            for part, store in (("A", layer.lora_A), ("B", layer.lora_B), ("m", layer.lora_magnitude_vector)):
+                if part in parts:
+                    weight = store[adapter_name].weight
+                    weight.copy_(parts[part].to(weight.dtype))
         for name, tensor in full.items():  # into this adapter's copy of the module trained in full
             module = next(m for m in saved if name.startswith(f"{m}."))
             copy = model.get_submodule(module).modules_to_save[adapter_name]
@@ -561,13 +626,16 @@ def check_adapter(adapter_dir: str | Path, target: str = "vllm") -> list[str]:
     adapter_dir = Path(adapter_dir)
     problems = []
     try:
-        config = read_adapter_config(adapter_dir)
+        config = read_adapter_config(adapter_dir, allow_dora=True)
         tensors = read_adapter_tensors(adapter_dir)
         lora, _ = split_adapter_keys(tensors, adapter_dir)
     except AdapterError as e:
         return [str(e)]
     problems += _rank_problems(config, lora, adapter_dir)
     if target == "vllm":
+        if config.get("use_dora"):
+            problems.append("use_dora: vLLM does not load DoRA adapters (its LoRA layers add s·BA and have no "
+                            "lora_magnitude_vector); merge the adapter (lorakit merge) and serve the merged model")
         r = int(config.get("r", 0))
         fits = [m for m in VLLM_MAX_RANKS if m >= r]
         if r > VLLM_DEFAULT_MAX_RANK and fits:

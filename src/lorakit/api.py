@@ -80,7 +80,7 @@ def merge(base: str, adapter: str | Path, out: str | Path, force: bool = False) 
     with its trained head and class names (id2label), merged in memory in fp32 (its config changes too).
     A non-empty `out` is refused unless `force`; then only the files written here are replaced."""
     check_output_dir(out, force)  # before anything loads
-    task_type = read_adapter_config(adapter).get("task_type", "CAUSAL_LM")
+    task_type = read_adapter_config(adapter, allow_dora=True).get("task_type", "CAUSAL_LM")
     task: Any = "seq_cls" if task_type == "SEQ_CLS" else "causal_lm"
     if task == "causal_lm":
         return merge_adapter_streaming(resolve_base_name(base), adapter, out, task=task, force=force)

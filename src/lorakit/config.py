@@ -65,9 +65,25 @@ class LoraConfig:
         default="all-linear",
     )
     use_rslora: bool = _help("Rank-stabilized scaling alpha/sqrt(r) instead of alpha/r.", default=False)
-    init: Literal["kaiming", "gaussian"] = _help(
-        "Initialization of A (B always starts at zero, so training starts from the base model).",
+    use_dora: bool = _help(
+        "DoRA (weight-decomposed LoRA, PEFT's use_dora): a trainable magnitude per output row times the "
+        "direction of W + scaling·BA; on LoRA and QLoRA (QDoRA) bases.",
+        default=False,
+    )
+    init: str = _help(
+        "Initialization: kaiming | gaussian (random A, B = 0, so training starts at the base model); "
+        "pissa | pissa_niter_N (A, B from the top-r singular vectors of W, W reduced by scaling·BA; with "
+        "_niter_N a randomized SVD of N iterations, much faster on big layers); olora (A, B from a QR of W, W "
+        "reduced); loftq (qlora only: alternate NF4 quantization of W − scaling·BA and a rank-r SVD of the "
+        "residual, so that the 4-bit base plus the adapter is closer to W).",
         default="kaiming",
+    )
+    loftq_iter: int = _help("LoftQ alternations (quantize, then SVD of the residual) for init: loftq.", default=1)
+    save_converted: bool = _help(
+        "For init: pissa | olora, save the adapter converted to plain LoRA of rank 2r that applies to the "
+        "original base (PEFT's path_initial_model_for_weight_conversion); false = save the trained factors, "
+        "which apply only to the reduced base W − scaling·B₀A₀.",
+        default=True,
     )
     bias: Literal["none"] = _help("Bias training; only 'none' (base biases stay frozen).", default="none")
     modules_to_save: list[str] | None = _help(
@@ -90,11 +106,36 @@ class LoraConfig:
         if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
             out.append(f"{prefix}.dropout must be in [0, 1), got {self.dropout!r}")
         out += _target_problems(self.target_modules, f"{prefix}.target_modules")
-        out += _choice_problems(self, prefix, ("init", "bias"))
+        out += _init_problems(self, prefix)
+        out += _choice_problems(self, prefix, ("bias",))
         save = self.modules_to_save
         if save is not None and (not isinstance(save, list) or not all(isinstance(m, str) and m for m in save)):
             out.append(f"{prefix}.modules_to_save must be a list of module names or null (the task's default), got {save!r}")
         return out
+
+
+LORA_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_N", "olora", "loftq")
+WEIGHT_INITS = ("pissa", "olora", "loftq")  # inits computed from the base weight (which they change)
+
+
+def init_kind(init: str) -> str:
+    """'pissa' for pissa_niter_N, else `init` itself."""
+    return "pissa" if isinstance(init, str) and init.startswith("pissa") else init
+
+
+def _init_problems(config: LoraConfig, prefix: str) -> list[str]:
+    init, out = config.init, []
+    niter = init.removeprefix("pissa_niter_") if isinstance(init, str) and init.startswith("pissa_niter_") else None
+    if niter is not None and not (niter.isdigit() and int(niter) >= 1):
+        out.append(f"{prefix}.init {init!r}: the N of pissa_niter_N must be an integer >= 1 (e.g. pissa_niter_4)")
+    elif niter is None and init not in LORA_INITS:
+        out.append(f"{prefix}.init must be one of {', '.join(LORA_INITS)}; got {init!r}")
+    if not isinstance(config.loftq_iter, int) or isinstance(config.loftq_iter, bool) or config.loftq_iter < 1:
+        out.append(f"{prefix}.loftq_iter must be an integer >= 1 (1 is PEFT's default), got {config.loftq_iter!r}")
+    for key in ("use_dora", "save_converted"):
+        if not isinstance(getattr(config, key), bool):
+            out.append(f"{prefix}.{key} must be true or false, got {getattr(config, key)!r}")
+    return out
 
 
 @dataclass
@@ -585,6 +626,7 @@ class RunConfig:
         if not isinstance(self.output_dir, str) or not self.output_dir:
             out.append(f"output_dir must be a directory path, got {self.output_dir!r}")
         out += self.lora.problems() + self.quant.problems() + self.data.problems() + self.train.problems()
+        out += _method_problems(self)
         out += self.eval.problems()
         if isinstance(self.train.select_best, SelectConfig) and isinstance(self.eval.judge, JudgeConfig):
             out += self._selection_problems()
@@ -615,6 +657,19 @@ class RunConfig:
         if metric == "eval_loss" and self.data.train is not None and self.data.eval is None and self.data.eval_fraction == 0:
             out.append("train.select_best.metric eval_loss needs eval data: set data.eval or data.eval_fraction > 0")
         return out
+
+
+def _method_problems(config: RunConfig) -> list[str]:
+    """Settings that only some methods accept (checked before any weight loads)."""
+    out, lora = [], config.lora
+    if lora.init == "loftq" and config.method != "qlora":
+        out.append(f"lora.init: loftq needs method: qlora (LoftQ fits the adapter to the 4-bit quantization error "
+                   f"of the base), got method: {config.method}; use method: qlora, or init: pissa for a "
+                   "full-precision base")
+    if config.method == "full" and (lora.use_dora or init_kind(lora.init) in WEIGHT_INITS):
+        out.append(f"lora.use_dora / lora.init: {lora.init} configure adapters, but method: full trains every "
+                   "weight without one; use method: lora or qlora")
+    return out
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -63,8 +63,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.config import TARGET_PRESETS, LoraConfig
-from lorakit.errors import ConfigError
+from lorakit import dora, inits
+from lorakit.config import TARGET_PRESETS, WEIGHT_INITS, LoraConfig, QuantConfig, init_kind
+from lorakit.errors import AdapterError, ConfigError
 from lorakit.heads import (
     SavedModule,
     base_name,
@@ -206,35 +207,64 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only: name -> dora.Magnitude (m, (out,))
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.row_plan: RowPlan | None = None  # inside adapter_rows: each row's adapter, shared by layers alike
         self.stacks: OrderedDict[tuple[str, ...], AdapterStack] = OrderedDict()  # grouped path, per adapter set
+        # PiSSA / OLoRA adapters: (A₀, B₀) on the CPU, to save the trained adapter converted (lorakit.inits)
+        self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def row_adapters(self) -> tuple[str | None, ...] | None:
         """Inside `adapter_rows`: row i's adapter in this layer (None = base only, or not targeted here)."""
         return None if self.row_plan is None else self.row_plan.names
 
-    def add_adapter(self, name: str, config: LoraConfig) -> None:
+    def add_adapter(self, name: str, config: LoraConfig, quant: QuantConfig | None = None) -> inits.WeightInit | None:
+        """Add adapter `name`; returns the weight init (PiSSA/OLoRA/LoftQ, lorakit.inits) when one ran.
+        `quant` is LoftQ's NF4 format (default QuantConfig())."""
         device = next(iter([*self.base_layer.parameters(), *self.base_layer.buffers()])).device
         self.lora_A[name] = nn.Linear(self.in_features, config.r, bias=False, device=device)
         self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False, device=device)
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scaling[name] = config.scaling
-        if config.init == "gaussian":
+        weight_init = None
+        if init_kind(config.init) in WEIGHT_INITS:  # A, B from W, and W changed (pissa/olora) or quantized (loftq)
+            weight_init = self._install_weight_init(name, inits.weight_init(self.base_layer, config, quant),
+                                                    config.init != "loftq")
+        elif config.init == "gaussian":
             nn.init.normal_(self.lora_A[name].weight, std=1 / config.r)
         else:  # PEFT's default: kaiming-uniform A, as nn.Linear initializes its own weight
             nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)
+        if weight_init is None:
+            nn.init.zeros_(self.lora_B[name].weight)
+        if config.use_dora:  # m starts at ‖W + s·BA‖_row (after any init that changed W, A or B), as in PEFT
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            self.lora_magnitude_vector[name] = dora.Magnitude(dora.weight_norm(self.base_layer, A, B, config.scaling), A.dtype)
         self.active_adapters = [name]
         self.stacks.clear()
+        return weight_init
 
     def _apply(self, fn, recurse=True):
         self.stacks.clear()  # .to(device/dtype) may give the factors new storage (version counters stay)
         return super()._apply(fn, recurse)
+
+    def _install_weight_init(self, name: str, init: inits.WeightInit, keep_initial: bool) -> inits.WeightInit:
+        """Copy the init's A, B into the adapter and its base into the layer: the reduced W (PiSSA/OLoRA), or
+        the LoftQ NF4Linear in place of the full-precision layer."""
+        with torch.no_grad():
+            for factor, value in ((self.lora_A[name].weight, init.A), (self.lora_B[name].weight, init.B)):
+                factor.copy_(value)
+            if init.nf4 is not None:
+                self.base_layer = init.nf4.to(init.A.device)
+            else:
+                weight = self.base_layer.weight
+                weight.copy_(init.weight.t() if is_conv1d(self.base_layer) else init.weight)  # Conv1D: (in, out)
+        if keep_initial:
+            self.initial_factors[name] = (init.A.detach().cpu().clone(), init.B.detach().cpu().clone())
+        return init
 
     def delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """s · dropout(x) Aᵀ Bᵀ, computed in the adapter's dtype. x: (..., in) -> (..., out)."""
@@ -243,6 +273,11 @@ class LoraLinear(nn.Module):
         return F.linear(F.linear(h, A), B) * self.scaling[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self._dora_adapter(x)
+        if name is not None:  # DoRA rescales the whole output row-wise: its own forward (lorakit.dora)
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            return dora.dora_forward(x, self.base_layer, A, B, self.lora_magnitude_vector[name],
+                                     self.lora_dropout[name], self.scaling[name])
         fused = self._fused_forward(x)
         if fused is not None:
             return fused
@@ -257,6 +292,18 @@ class LoraLinear(nn.Module):
             if name not in self.merged_adapters:
                 y = y + self.delta(x, name).to(y.dtype)
         return y
+
+    def _dora_adapter(self, x: torch.Tensor) -> str | None:
+        """The DoRA adapter when one applies to every row (the active one, or the one all rows of `adapter_rows`
+        use; batches that mix a DoRA adapter with others are refused there), else None."""
+        if self.disabled or not len(self.lora_magnitude_vector):
+            return None
+        if self.row_plan is not None:
+            names = set(self.row_plan.names)
+            name = names.pop() if len(names) == 1 and len(self.row_plan.names) == x.shape[0] else None
+        else:
+            name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
+        return name if name in self.lora_magnitude_vector and name not in self.merged_adapters else None
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """base(x) + delta(x) through `_LoraMatmul` when exactly one unmerged adapter applies to every row
@@ -329,9 +376,25 @@ class LoraLinear(nn.Module):
         A, B = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
         return (B @ A) * self.scaling[name]
 
+    def merge_delta(self, name: str) -> torch.Tensor:
+        """W' − W that merging adapter `name` adds to the (out, in) base: s·BA, or for DoRA
+        m/n ⊙ (W + s·BA) − W (lorakit.dora.merge_delta, which keeps n for the unmerge). float32."""
+        if name in self.lora_magnitude_vector:
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            return dora.merge_delta(self.base_layer, A, B, self.lora_magnitude_vector[name], self.scaling[name])
+        return self.delta_weight(name)
+
+    def unmerge_delta(self, name: str) -> torch.Tensor:
+        """W − W' that undoes `merge_delta` on the merged base: −s·BA, or DoRA's W' ⊙ n/m − s·BA − W'."""
+        if name in self.lora_magnitude_vector:
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            return dora.unmerge_delta(self.base_layer, A, B, self.lora_magnitude_vector[name], self.scaling[name])
+        return -self.delta_weight(name)
+
     def extra_repr(self) -> str:
         ranks = {n: self.lora_A[n].out_features for n in self.lora_A}
-        return f"in={self.in_features}, out={self.out_features}, adapters(rank)={ranks}, active={self.active_adapters}"
+        dora_names = f", dora={list(self.lora_magnitude_vector)}" if len(self.lora_magnitude_vector) else ""
+        return f"in={self.in_features}, out={self.out_features}, adapters(rank)={ranks}, active={self.active_adapters}{dora_names}"
 
 
 # --------------------------------------------------------------------------- grouped per-row adapters
@@ -502,7 +565,9 @@ def _resolve_preset(preset: str, names: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- injection
 
 
-def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> list[str]:
+def inject_lora(
+    model: nn.Module, config: LoraConfig, adapter_name: str = "default", quant: QuantConfig | None = None
+) -> list[str]:
     """Wrap the target layers of `model` in place, freeze everything but the adapters (and the adapter's
     copies of `config.modules_to_save`), make `adapter_name` the active adapter, and return the adapted names.
 
@@ -511,12 +576,15 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     classification head of a sequence classifier (heads.classifier_head, what PEFT's task_type=SEQ_CLS
     trains, plus a pooler) and nothing for other models; a list names exactly the modules, [] none.
     Layers inside a module trained in full get no LoRA (as in PEFT).
+    `config.init` pissa | olora | loftq reads (and changes) the full-precision target weights, so it runs
+    before quantize_model; loftq quantizes its targets itself, in `quant`'s NF4 format.
     """
     problems = config.problems()
     if problems:
         raise ConfigError(problems)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; adapters here: {list(adapter_configs(model))}")
+    _check_weight_init(model, config)
     save_names = resolve_modules_to_save(model, config.modules_to_save)
     targets = _targets_outside(find_target_modules(model, config.target_modules), save_names, config)
     for name in save_names:
@@ -525,18 +593,41 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
             module = SavedModule(module)
             _replace_module(model, name, module)
         module.add_adapter(adapter_name)
+    loftq_errors = []
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLinear):
             module = LoraLinear(module)
             _replace_module(model, name, module)
-        module.add_adapter(adapter_name, config)
+        init = module.add_adapter(adapter_name, config, quant)
+        if init is not None and init.error is not None:
+            loftq_errors.append(init.error)
+    if loftq_errors:
+        _log_loftq(loftq_errors, config)
     # a copy, with the modules resolved: the caller's lists may change later (PEFT's LoraConfig appends in place)
     resolved = dataclasses.replace(copy.deepcopy(config), modules_to_save=list(save_names))
     model.lorakit_adapters = {**adapter_configs(model), adapter_name: resolved}
     freeze_base(model)
     set_adapter(model, adapter_name)
     return targets
+
+
+def _check_weight_init(model: nn.Module, config: LoraConfig) -> None:
+    if init_kind(config.init) in WEIGHT_INITS and adapter_configs(model):
+        raise ValueError(
+            f"lora.init: {config.init} changes the base weights, which the adapter(s) {list(adapter_configs(model))} "
+            "already on this model apply to; add it to a fresh model, or use init: kaiming"
+        )
+
+
+def _log_loftq(errors: list[tuple[float, float]], config: LoraConfig) -> None:
+    """‖W − NF4(W)‖ against ‖W − Q̂ − s·BA‖ over all LoftQ layers (Frobenius, summed in squares)."""
+    before = math.sqrt(sum(b * b for b, _ in errors))
+    after = math.sqrt(sum(a * a for _, a in errors))
+    log.warning(
+        "LoftQ (loftq_iter=%d, r=%d) on %d layers: reconstruction error ‖W − NF4(W)‖ = %.4g -> ‖W − Q̂ − s·BA‖ = "
+        "%.4g (%.1f%% lower)", config.loftq_iter, config.r, len(errors), before, after, 100 * (1 - after / max(before, 1e-30)),
+    )
 
 
 def modules_to_save(model: nn.Module, adapter_name: str) -> list[str]:
@@ -590,7 +681,8 @@ def freeze_base(model: nn.Module) -> None:
     """requires_grad only on LoRA factors and on copies of modules trained in full (`set_adapter` then
     leaves only the active adapter's trainable)."""
     for name, param in model.named_parameters():
-        param.requires_grad = ".lora_A." in name or ".lora_B." in name or ".modules_to_save." in name
+        param.requires_grad = (".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name
+                               or ".modules_to_save." in name)
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -614,7 +706,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
         raise ValueError(f"no adapter named {name!r}; adapters here: {list(adapter_configs(model))}")
     for _, layer in lora_layers(model):
         layer.active_adapters = [name] if name in layer.lora_A else []
-        for store in (layer.lora_A, layer.lora_B):
+        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
             for adapter, factor in store.items():
                 factor.requires_grad_(adapter == name)
     for _, saved in saved_modules(model):
@@ -646,6 +738,7 @@ def adapter_rows(model: nn.Module, names: Sequence[str | None], grouped: bool = 
     unknown = sorted({n for n in names if n is not None} - set(adapter_configs(model)))
     if unknown:
         raise ValueError(f"unknown adapter(s) {unknown}; adapters here: {list(adapter_configs(model))}")
+    _refuse_dora_rows(model, names)
     found = _RowLayers.of(model)
     merged = sorted({a for layer in found.layers for a in layer.merged_adapters})
     if merged:
@@ -707,6 +800,21 @@ class _RowLayers:
         return plan
 
 
+def _refuse_dora_rows(model: nn.Module, names: Sequence[str | None]) -> None:
+    # NOTE: mixed rows add each row's s·x AᵀBᵀ to a shared base output (grouped matmuls); a DoRA row instead
+    # rescales its whole output row by m/‖W + s·BA‖, so it cannot ride that path. A batch whose rows all use
+    # one DoRA adapter runs DoRA's own forward; a mixed one is refused rather than computed wrongly.
+    configs = adapter_configs(model)
+    dora_names = sorted({n for n in names if n is not None and getattr(configs.get(n), "use_dora", False)})
+    if dora_names and len(set(names)) > 1:
+        raise AdapterError(
+            f"adapter(s) {dora_names} use DoRA, which rescales each layer's whole output row by m/‖W + s·BA‖ "
+            f"instead of adding a low-rank delta, so they cannot share a batch with other rows ({sorted(set(names), key=str)}); "
+            "give DoRA rows a batch of their own, or merge the DoRA adapter into its base (lorakit merge) and "
+            "serve the merged model"
+        )
+
+
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` from every layer (the wrappers stay, for the other adapters)."""
     configs = adapter_configs(model)
@@ -715,7 +823,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if any(name in layer.merged_adapters for _, layer in lora_layers(model)):
         raise RuntimeError(f"adapter {name!r} is merged into the base weights; unmerge_lora_weights before deleting it")
     for _, layer in lora_layers(model):
-        for store in (layer.lora_A, layer.lora_B, layer.lora_dropout):
+        for store in (layer.lora_A, layer.lora_B, layer.lora_dropout, layer.lora_magnitude_vector):
             if name in store:  # ModuleDict.pop has no default argument
                 del store[name]
         layer.scaling.pop(name, None)
@@ -765,14 +873,14 @@ def merge_lora_weights(model: nn.Module, remove_wrappers: bool = True) -> nn.Mod
         if isinstance(layer.base_layer, NF4Linear):
             if not remove_wrappers:
                 raise ValueError(f"{name}: a 4-bit base can only be merged with remove_wrappers=True")
-            deltas = [layer.delta_weight(a) for a in layer.active_adapters]
+            deltas = [layer.merge_delta(a) for a in layer.active_adapters]
             merged = layer.base_layer.dequantized_layer(sum(deltas) if deltas else None, _model_dtype(model))
             _replace_module(model, name, merged)
             quantized += 1
             continue
         for adapter in layer.active_adapters:
             if adapter not in layer.merged_adapters:
-                _add_to_base(layer, layer.delta_weight(adapter))
+                _add_to_base(layer, layer.merge_delta(adapter))
                 layer.merged_adapters.append(adapter)
         if remove_wrappers:
             _replace_module(model, name, layer.base_layer)
@@ -811,7 +919,7 @@ def unmerge_lora_weights(model: nn.Module) -> nn.Module:
     """Subtract merged adapters again (full-precision bases merged with remove_wrappers=False)."""
     for _, layer in lora_layers(model):
         for adapter in reversed(layer.merged_adapters):
-            _add_to_base(layer, -layer.delta_weight(adapter))
+            _add_to_base(layer, layer.unmerge_delta(adapter))
         layer.merged_adapters = []
     return model
 

@@ -15,7 +15,7 @@ from lorakit.advise.memory import memory_model
 from lorakit.advise.recommend import recommend
 from lorakit.advise.report import Advice, notes_for
 from lorakit.advise.shapes import TYPICAL, ModelShape, model_shape
-from lorakit.advise.timing import GPUS, rates_for, time_model
+from lorakit.advise.timing import GPUS, init_note, rates_for, time_model
 from lorakit.advise.units import available_memory, parse_bytes
 from lorakit.advise.workload import auto_device, resolve_workload
 from lorakit.config import RunConfig, load_run_config
@@ -67,6 +67,7 @@ def advise(
     evals = eval_time(config, w, shape, rates, _eval_rows(config, n_examples),
                       round(stats.mean_tokens) if stats and stats.mean_tokens else None, total, steps_per_epoch)
     notes += notes_for(w, shape, mem, available, dev)
+    notes += init_note(w, shape, rates)
     if rates.get("other_load", 0) > 0.1:
         notes.append(f"the time calibration ran while other processes used {rates['other_load']:.0%} of the CPUs: "
                      "step times are overestimated; rerun lorakit.advise.calibrate(force=True) on a quiet machine")

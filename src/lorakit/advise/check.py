@@ -9,6 +9,7 @@ from typing import Any
 
 from lorakit.advise.memory import MemoryBreakdown, load_bytes, memory_model, qlora_load_summary
 from lorakit.advise.shapes import ModelShape, model_shape
+from lorakit.advise.timing import INIT_WARN_S, init_note, init_seconds, rates_for
 from lorakit.advise.units import fmt_bytes
 from lorakit.advise.workload import Workload, resolve_workload
 from lorakit.config import RunConfig
@@ -46,6 +47,21 @@ def check_fits(config: RunConfig, available_bytes: int) -> str | None:
         lines.append(f"  - {label}: {fmt_bytes(peak)} ({mark})")
     lines.append("`lorakit advise --config ...` shows every term; --no-memory-check overrides.")
     return "\n".join(lines)
+
+
+def init_time_warning(config: RunConfig) -> str | None:
+    """The advisor's warning when lora.init (pissa, olora, loftq: SVDs of every target weight) would take longer
+    than INIT_WARN_S here, from config.json and the cached calibration (never calibrates); None otherwise."""
+    if config.method == "full" or not config.lora.init.startswith(("pissa", "olora", "loftq")):
+        return None
+    try:
+        shape = model_shape(config.base_model, config.task, config.revision)
+    except (OSError, ValueError) as e:
+        log.warning("lora.init time estimate skipped: %s", e)
+        return None
+    w = resolve_workload(config, shape)
+    rates = rates_for(w.device, config, None, calibrate_now=False)
+    return init_note(w, shape, rates)[0] if init_seconds(w, shape, rates) > INIT_WARN_S else None
 
 
 def _alternatives(config: RunConfig) -> list[tuple[str, Any]]:

@@ -4,7 +4,7 @@ a = adapter bytes: 4, lorakit's LoRA factors are fp32):
 
     weights        Σ storage: fp32/bf16 = 4/2 bytes per weight; NF4 = n/2 + 4·⌈n/64⌉ (absmax) or with
                    double quant n/2 + ⌈n/64⌉ + 4·⌈n/64/256⌉ + 4; embeddings, norms, lm_head unquantized
-    trainable      LoRA A, B: r·(in+out) per target, in a bytes, or all weights (full)
+    trainable      LoRA A, B: r·(in+out) per target, in a bytes, or all weights (full); DoRA + out (m)
     gradients      one per trainable parameter, in its dtype
     AdamW states   exp_avg + exp_avg_sq: 2 per trainable parameter, in its dtype (8-bit: 1 byte each)
     activations    L · N · s_layer + N · (final norm 4d + 4; full: + x̂, the head's input, ids), what
@@ -30,7 +30,9 @@ s_layer, per token, for a Llama block with fused SDPA attention (checked tensor 
     linear inputs    full: b·in per distinct input (attention output already counted);
                      LoRA: per target a·in (x in the adapter's dtype; one tensor per input site when
                      b = a), with dropout 2a·in on CPU (noise + output) or (1 + a)·in on CUDA (bool
-                     mask + output); + a·r (A's output, saved by B)
+                     mask + output); + a·r (A's output, saved by B); DoRA + b·out (z = x Wᵀ + s·x AᵀBᵀ,
+                     saved for ∂m), 2·b·out with dropout (x_d Wᵀ and s·x_d AᵀBᵀ, lorakit.dora)
+    dora_norm        DoRA's n = ‖W + s·BA‖_row, computed in fp32 row chunks of ≤ NORM_CHUNK_BYTES per forward
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 from lorakit.advise.shapes import Linear, ModelShape
 from lorakit.advise.units import MiB, fmt_bytes
 from lorakit.advise.workload import Workload
+from lorakit.dora import NORM_CHUNK_BYTES
 from lorakit.loss import ROW_CHUNK_BYTES
 
 # --------------------------------------------------------------------------- constants (measured or assumed)
@@ -93,9 +96,9 @@ def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int
 
 def lora_parameter_count(w: Workload, shape: ModelShape) -> int:
     """r·(in + out) per target: A is (r, in), B is (out, r)."""
-    r = w.lora.r
-    return shape.layers * sum(r * (t.in_features + t.out_features) for t in w.lora_targets) + sum(
-        r * (t.in_features + t.out_features) for t in w.extra_targets)
+    r, m = w.lora.r, int(w.lora.use_dora)  # DoRA: + m, (out,)
+    return shape.layers * sum(r * (t.in_features + t.out_features) + m * t.out_features for t in w.lora_targets) + sum(
+        r * (t.in_features + t.out_features) + m * t.out_features for t in w.extra_targets)
 
 
 def trainable_parameter_count(w: Workload, shape: ModelShape) -> int:
@@ -204,7 +207,17 @@ def linear_inputs_saved(w: Workload, shape: ModelShape) -> list[int]:
             shared.add(t.site)
         else:  # each target makes its own copy of x in the adapter's dtype
             saved.append(a * t.in_features)
+        if w.lora.use_dora:  # z for ∂m; with dropout x_d Wᵀ and s·x_d AᵀBᵀ (lorakit.dora.dora_forward)
+            saved.append(w.compute_bytes * t.out_features * (2 if w.lora.dropout > 0 else 1))
     return saved
+
+
+def dora_norm_bytes(w: Workload, shape: ModelShape) -> int:
+    """DoRA's fp32 rows of W + s·BA while computing n for the largest target (a 4-bit W's fp32 decode is
+    the dequant transient)."""
+    if w.method == "full" or not w.lora.use_dora or not w.lora_targets:
+        return 0
+    return min(4 * max(t.numel for t in w.lora_targets), NORM_CHUNK_BYTES)
 
 
 def head_activation_bytes(w: Workload, shape: ModelShape) -> int:
@@ -329,6 +342,7 @@ def memory_model(w: Workload, shape: ModelShape) -> MemoryBreakdown:
     logits_fwd, logits_bwd = logits_bytes(w, shape)
     bwd = backward_transient_bytes(w, shape)
     dequant = dequant_transient_bytes(w, shape)
+    dora_norm = dora_norm_bytes(w, shape)
     opt_tmp = _optimizer_transient(w, shape, grads)
     head_grad = shape.vocab * shape.hidden * w.load_bytes if w.method == "full" else 0
     load = load_bytes(w, shape)
@@ -346,6 +360,7 @@ def memory_model(w: Workload, shape: ModelShape) -> MemoryBreakdown:
                    f"vocab {shape.vocab:,} × {w.tokens:,} tokens: logits + fp32 upcast + log-softmax, then its gradients"),
         MemoryTerm("backward_transient", bwd, "gradients in flight inside one layer's backward"),
         MemoryTerm("dequant_transient", dequant, "the largest NF4 weight dequantized for its matmul (int32 codes + fp32)"),
+        MemoryTerm("dora_norm", dora_norm, "DoRA: fp32 rows of W + s·BA for the norm ‖W + s·BA‖_row (per forward)"),
         MemoryTerm("optimizer_transient", opt_tmp, "AdamW step temporaries (foreach on CUDA: a copy of the states)"),
         MemoryTerm("load_transient", load - weights if w.method == "qlora" else 0,
                    "streamed QLoRA load: the largest weight being quantized, in its storage dtype + "
@@ -358,7 +373,7 @@ def memory_model(w: Workload, shape: ModelShape) -> MemoryBreakdown:
     phases = {
         "load": load,
         # checkpointed layers run (each one's activations, then freed) before the loss starts
-        "forward": resident + grads_held + acts + max(logits_fwd, dequant + recompute),
+        "forward": resident + grads_held + acts + max(logits_fwd, dequant + recompute + dora_norm),
         "backward": resident + max(acts + logits_bwd + grads_held + head_grad,
                                    acts + grads_held + head_grad + layer_work, grads + layer_work + head_grad),
         "optimizer_step": resident + grads + opt_tmp,

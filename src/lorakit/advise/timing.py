@@ -4,7 +4,10 @@ Forward 2·P over the matmul weights P (decoder linears + lm_head) + 4·T·dq pe
 scores and values; backward 2·P for input gradients (frozen weights too) + 2·P weight gradients when
 training in full, attention ×2.5 (flash backward recomputes the scores); + the forward again under
 checkpointing; LoRA 6·r·(in+out) per target; QLoRA adds two (three with checkpointing) dequantizations
-of every 4-bit weight per micro-batch. Matmuls use the calibrated GEMM rate at their smaller dimension,
+of every 4-bit weight per micro-batch; DoRA adds its norm ‖W + s·BA‖_row once per optimizer step (2·r·in·out per
+target, + a dequantization of each 4-bit target; reused by the step's other micro-batches), a few (N, out)
+elementwise passes per target, and with dropout one more frozen matmul per target (x_d Wᵀ, forward and ∂x).
+`init_seconds` prices lora.init pissa | olora | loftq, once before the first step. Matmuls use the calibrated GEMM rate at their smaller dimension,
 attention the calibrated SDPA rate; elementwise work by memory traffic; the loss, dropout masks,
 dequantization, AdamW and op dispatch by their calibrated per-element costs. The calibration
 (`calibrate`, a few seconds) is measured once per device, dtype and torch version and cached in
@@ -13,6 +16,7 @@ dequantization, AdamW and op dispatch by their calibrated per-element costs. The
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,7 +29,7 @@ from typing import Any
 
 from lorakit.advise.memory import layer_activation_bytes, trainable_parameter_count
 from lorakit.advise.shapes import ModelShape
-from lorakit.advise.units import GiB, MiB
+from lorakit.advise.units import GiB, MiB, fmt_seconds
 from lorakit.advise.workload import Workload
 from lorakit.config import RunConfig
 from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4
@@ -94,6 +98,7 @@ def calibrate(device: str = "cpu", dtype: str = "float32", force: bool = False) 
     dequant_s      seconds per weight of lorakit's NF4 dequantization
     adamw_s        seconds per parameter of torch's AdamW step (+ gradient clipping)
     op_s           seconds per small autograd op (dispatch overhead)
+    svd_s, qr_s    seconds per m·n·min(m, n) of torch.linalg.svd / qr on a 256×512 fp32 matrix (lora.init)
     """
     key = _device_key(device, dtype)
     path = _cache_path()
@@ -197,7 +202,7 @@ def _measure(device: str, dtype: str) -> dict[str, Any]:
     s = torch.randn(8, 8, device=device, requires_grad=True)
     op = _timed(lambda: (s * 2).sum().backward(), sync=sync) / 4  # 2 ops forward, 2 backward
     return {"matmul_flops": rates, "attention_flops": _attention_rate(device, dt, sync),
-            "lora_flops": _lora_rate(device, dt, sync), "bandwidth": bandwidth,
+            "lora_flops": _lora_rate(device, dt, sync), "bandwidth": bandwidth, **_factorization_rates(device, sync),
             "dequant_s": dequant, "adamw_s": adamw, "op_s": op, "bernoulli_s": bernoulli, "softmax_s": softmax,
             "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -216,6 +221,25 @@ def _lora_rate(device: str, dt: Any, sync) -> float:
         torch.nn.functional.linear(torch.nn.functional.linear(x, a), b).sum().backward()
 
     return 6 * rows * 16 * (512 + 512) / _timed(lora, sync=sync)
+
+
+def _factorization_rates(device: str, sync) -> dict[str, float]:
+    """svd_s and qr_s: one timed call each (after a warm-up) on a 256×512 fp32 matrix, per m·n·min(m, n).
+    NOTE: CPU LAPACK's SVD is ~2× cheaper per unit on 2048-wide matrices than on this small one (measured),
+    so the estimate errs long; it only has to tell seconds from hours."""
+    import torch
+
+    W = torch.randn(256, 512, device=device)
+    units = 256 * 512 * 256
+    out = {}
+    for name, fn in (("svd_s", lambda: torch.linalg.svd(W, full_matrices=False)), ("qr_s", lambda: torch.linalg.qr(W))):
+        fn()
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        out[name] = (time.perf_counter() - start) / units
+    return out
 
 
 def _attention_rate(device: str, dt: Any, sync) -> float:
@@ -323,17 +347,70 @@ def time_model(w: Workload, shape: ModelShape, rates: dict[str, Any]) -> TimeMod
         dequant = n_q * rates["dequant_s"] * (2 + (1 if gc else 0))
     ops = shape.layers * (60 + 14 * len(w.lora_targets)) * (1.5 if gc else 1.0)
     dispatch = ops * rates["op_s"]
+    dora = _dora_seconds(w, shape, rates) if w.method != "full" and w.lora.use_dora else (0.0, 0.0)
     dropout = 0.0
     if w.method != "full" and w.lora.dropout > 0:  # one mask per target input, redrawn in the recompute
         masks = shape.layers * sum(t.in_features for t in w.lora_targets) * n * (2 if gc else 1)
         dropout = masks * rates.get("bernoulli_s", 0.0)
-    micro = mm + attn + elementwise + loss + dequant + dispatch + dropout
+    micro = mm + attn + elementwise + loss + dequant + dispatch + dropout + dora[0]
     opt = trainable_parameter_count(w, shape) * rates["adamw_s"]
     parts = {"matmul": mm * w.grad_accum, "attention": attn * w.grad_accum, "elementwise": elementwise * w.grad_accum,
              "loss": loss * w.grad_accum,
              "dequantize": dequant * w.grad_accum, "dropout_masks": dropout * w.grad_accum,
-             "dispatch": dispatch * w.grad_accum, "optimizer": opt}
-    return TimeModel(flops / n, micro * w.grad_accum + opt, parts, n * w.grad_accum, rates.get("measured", ""))
+             "dispatch": dispatch * w.grad_accum, "dora": dora[0] * w.grad_accum + dora[1], "optimizer": opt}
+    return TimeModel(flops / n, micro * w.grad_accum + opt + dora[1], parts, n * w.grad_accum, rates.get("measured", ""))
+
+
+def _dora_seconds(w: Workload, shape: ModelShape, rates: dict[str, Any]) -> tuple[float, float]:
+    """(per micro-batch, per optimizer step) seconds DoRA adds: (the extra frozen matmul x_d Wᵀ with dropout,
+    forward + ∂x (+ recompute), and (N, out) elementwise passes; the norm once per step)."""
+    n, gc, targets = w.tokens, w.checkpointing, w.lora_targets
+    extra_mm = 0.0
+    if w.lora.dropout > 0:
+        extra_mm = sum(2 * n * t.numel * (2 + (1 if gc else 0)) / matmul_rate(rates, min(t.in_features, t.out_features))
+                       for t in targets)
+    passes = DORA_ELEMENTWISE_PASSES * (1.5 if gc else 1.0)
+    elementwise = sum(passes * w.compute_bytes * t.out_features * n for t in targets) / rates["bandwidth"]
+    norm = sum(2 * w.lora.r * t.numel / (rates.get("lora_flops") or matmul_rate(rates, 32)) for t in targets)
+    if w.method == "qlora":
+        norm += sum(t.numel for t in targets) * rates["dequant_s"]
+    return shape.layers * (extra_mm + elementwise), shape.layers * norm
+
+
+DORA_ELEMENTWISE_PASSES = 6.0
+"""(N, out) passes DoRA adds per target: z = base + lora, m/n ⊙ z, + b, and their gradients (assumed)."""
+
+SVD_UNIT_S_ASSUMED = {"cpu": 1e-8, "cuda": 2e-11}
+"""Seconds per m·n·min(m, n) of an fp32 SVD when no calibration has svd_s: this machine's CPU measured
+~0.9-1.8e-8 (2 cores, 256-2048 wide); a datacenter GPU's cuSOLVER assumed ~2e-11 (4096² in ~1.5 s)."""
+
+
+def init_seconds(w: Workload, shape: ModelShape, rates: dict[str, Any]) -> float:
+    """Seconds lora.init takes before the first step, over every target weight (m, n), k = min(m, n):
+
+        pissa          svd_s · m·n·k                   (torch.linalg.svd, fp32)
+        pissa_niter_N  (2N + 2) · 2·m·n·r FLOPs          (torch.svd_lowrank: N power iterations; matmul rate)
+        olora          qr_s · m·n·k                    (torch.linalg.qr)
+        loftq          loftq_iter · (svd_s · m·n·k + 3·m·n · dequant_s)   (SVD + NF4 round trip per round)
+    """
+    init = w.lora.init
+    if w.method == "full" or not init.startswith(("pissa", "olora", "loftq")):
+        return 0.0
+    svd = rates.get("svd_s") or SVD_UNIT_S_ASSUMED.get(w.device, SVD_UNIT_S_ASSUMED["cpu"])
+    qr = rates.get("qr_s") or svd / 10
+    total = 0.0
+    for t in list(w.lora_targets) * shape.layers + list(w.extra_targets):
+        units = t.numel * min(t.in_features, t.out_features)  # m·n·k
+        if init.startswith("pissa_niter_"):
+            niter = int(init.removeprefix("pissa_niter_"))
+            total += (2 * niter + 2) * 2 * t.numel * w.lora.r / matmul_rate(rates, max(32, w.lora.r))
+        elif init == "pissa":
+            total += svd * units
+        elif init == "olora":
+            total += qr * units
+        else:
+            total += w.lora.loftq_iter * (svd * units + 3 * t.numel * rates["dequant_s"])
+    return total
 
 
 ELEMENTWISE_PASSES = 4.0
@@ -345,3 +422,25 @@ def _elementwise_bytes(w: Workload, shape: ModelShape) -> float:
     """Memory traffic of the elementwise work per micro-batch, ~ELEMENTWISE_PASSES × saved activations."""
     per_layer = layer_activation_bytes(w, shape) * w.tokens
     return shape.layers * per_layer * ELEMENTWISE_PASSES * (1.5 if w.checkpointing else 1.0)
+
+
+INIT_WARN_S = 600.0
+"""lora.init estimates above this get a warning (before any weight loads) with a faster alternative."""
+
+
+def init_note(w: Workload, shape: ModelShape, rates: dict[str, Any]) -> list[str]:
+    """The advisor's line on lora.init's one-off cost; a warning with the alternative when it is long."""
+    seconds = init_seconds(w, shape, rates)
+    if seconds <= 0:
+        return []
+    n = shape.layers * len(w.lora_targets) + len(w.extra_targets)
+    note = (f"lora.init: {w.lora.init} factors {n} weights on {w.device} before the first step: ~{fmt_seconds(seconds)} "
+            "(once)")
+    gpu = ", or train on a GPU" if w.device == "cpu" else ""
+    if seconds > INIT_WARN_S and w.lora.init == "pissa":
+        fast = dataclasses.replace(w, lora=dataclasses.replace(w.lora, init="pissa_niter_4"))
+        note += (f". WARNING: that is long; lora.init: pissa_niter_4 (randomized SVD, PEFT's fast PiSSA) takes "
+                 f"~{fmt_seconds(init_seconds(fast, shape, rates))}{gpu}")
+    elif seconds > INIT_WARN_S and w.lora.init == "loftq":
+        note += f". WARNING: that is long; each of the {w.lora.loftq_iter} rounds is one SVD per weight: lower lora.loftq_iter{gpu}"
+    return [note]

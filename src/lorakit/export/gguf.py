@@ -218,9 +218,9 @@ def _merged_values(ckpt: BaseCheckpoint, hf_name: str, read_name: str, adapter: 
             w = adapter.full[hf_name].float()  # a module trained in full replaces the base tensor
         else:
             w = ckpt.read(read_name).float()  # (out, in) or (n,), from its stored 16/32-bit dtype
-        delta = adapter.delta(hf_name.removesuffix(".weight")) if adapter and hf_name.endswith(".weight") else None
+        delta = adapter.delta(hf_name.removesuffix(".weight"), w) if adapter and hf_name.endswith(".weight") else None
         if delta is not None:
-            w = w + delta  # W' = W + s·BA, in float32 as lorakit's own merge
+            w = w + delta  # W' = W + s·BA (DoRA: m/n ⊙ (W + s·BA)), in float32 as lorakit's own merge
         heads = qk_heads(gname, hp) if family.permute_qk else None
         return permute_rows(w, heads) if heads else w
 
@@ -280,8 +280,7 @@ def _refuse_inexpressible(inputs: ExportInputs, dtype: str) -> None:
     if reasons:
         raise ExportError(f"{inputs.adapter_dir} cannot be written as a GGUF LoRA: " + "; ".join(reasons)
                           + ". Export it merged instead: --format gguf"
-                          + (" (DoRA: merge it with PEFT's merge_and_unload first and export that model directory)"
-                             if config.get("use_dora") else ""))
+                          + (" (DoRA included: the merged GGUF applies m/‖W + s·BA‖)" if config.get("use_dora") else ""))
 
 
 def _refuse_inexpressible_tensors(adapter: Adapter, ckpt: BaseCheckpoint) -> None:

@@ -6,6 +6,8 @@ For every adapted layer (A: (r, in), B: (out, r), s = alpha/r, or alpha/√r wit
     base="nf4":   W' = round_d(deq(NF4(W)) + s·B A)       the 4-bit weight the QLoRA adapter was trained on;
                                                           every layer quantize_model would quantize is
                                                           replaced by deq(NF4(W)), adapted or not
+    DoRA (m):     s·B A is replaced by m/n ⊙ (W + s·BA) − W, n = ‖W + s·BA‖_row (lorakit.dora.merge_update),
+                  with W the full or the dequantized 4-bit weight as above
 
 the sum taken in fp32, rounded once to the base tensor's dtype d -- the arithmetic of the in-memory
 `lorakit.lora.merge_lora_weights` (tested equal bit for bit). Conv1D weights are stored (in, out):
@@ -32,6 +34,7 @@ import torch
 
 from lorakit.adapters import CONFIG_FILE, read_adapter_config, read_adapter_tensors, split_adapter_keys
 from lorakit.config import LoraConfig, QuantConfig
+from lorakit.dora import merge_update
 from lorakit.errors import AdapterError
 from lorakit.quant.linear import quant_targets
 from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4
@@ -89,7 +92,7 @@ def merge_adapter_streaming(
 
 def _adapter_updates(adapter_dir: Path) -> dict:
     """{module: (A, B, scaling)} plus "__full__": {tensor name: tensor} for modules trained in full."""
-    config = read_adapter_config(adapter_dir)
+    config = read_adapter_config(adapter_dir, allow_dora=True)
     lora, full = split_adapter_keys(read_adapter_tensors(adapter_dir), adapter_dir)
     scaling = LoraConfig(
         r=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)), use_rslora=bool(config.get("use_rslora"))
@@ -98,7 +101,10 @@ def _adapter_updates(adapter_dir: Path) -> dict:
         if parts["A"].shape[0] != int(config.get("r", 8)):
             raise AdapterError(f"{adapter_dir / CONFIG_FILE}: r={config.get('r')} but {module}.lora_A has rank "
                                f"{parts['A'].shape[0]}; the config and the weights do not belong together")
-    return {**{m: (p["A"], p["B"], scaling) for m, p in lora.items()}, "__full__": full}
+        if bool(config.get("use_dora")) != ("m" in parts):
+            raise AdapterError(f"{adapter_dir}: use_dora is {bool(config.get('use_dora'))} in {CONFIG_FILE} but {module} "
+                               f"{'has' if 'm' in parts else 'lacks'} a lora_magnitude_vector; the files do not belong together")
+    return {**{m: (p["A"], p["B"], scaling, p.get("m")) for m, p in lora.items()}, "__full__": full}
 
 
 def _weight_kinds(base_path: Path, task: str, quant_config: QuantConfig) -> tuple[set[str], set[str]]:
@@ -126,8 +132,11 @@ def _merged(name: str, tensor: torch.Tensor, updates: dict, kinds: tuple[set[str
     else:
         weight = weight.float()
     if update is not None:
-        A, B, scaling = update
-        weight = weight + (B.float() @ A.float()) * scaling  # (out, r) @ (r, in), as LoraLinear.delta_weight
+        A, B, scaling, magnitude = update
+        if magnitude is None:
+            weight = weight + (B.float() @ A.float()) * scaling  # (out, r) @ (r, in), as LoraLinear.delta_weight
+        else:  # DoRA, as LoraLinear.merge_delta
+            weight = weight + merge_update(weight, A, B, magnitude, scaling)[0]
     weight = weight.to(tensor.dtype)
     return (weight.T if name in conv1d else weight).contiguous()
 

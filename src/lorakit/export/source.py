@@ -32,6 +32,7 @@ from lorakit.adapters import (
     read_metadata,
     split_adapter_keys,
 )
+from lorakit.dora import merge_update
 from lorakit.errors import ExportError
 
 # --------------------------------------------------------------------------- the base checkpoint
@@ -118,6 +119,7 @@ class Adapter:
     config: dict[str, Any]
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A, B), float32
     full: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter -> tensor trained in full
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA: module -> m (out,), float32
 
     @property
     def rank(self) -> int:
@@ -129,16 +131,19 @@ class Adapter:
         alpha = float(self.config.get("lora_alpha", 8))
         return alpha / (math.sqrt(self.rank) if self.config.get("use_rslora") else self.rank)
 
-    def delta(self, module: str) -> torch.Tensor | None:
-        """s · B A: (out, in) float32 for an adapted module, None otherwise."""
+    def delta(self, module: str, weight: torch.Tensor) -> torch.Tensor | None:
+        """W' − W for an adapted module, (out, in) float32: s · B A, or for DoRA m/n ⊙ (W + s·BA) − W
+        (lorakit.dora.merge_update on `weight` = W, (out, in) float32); None for a module without adapter."""
         if module not in self.factors:
             return None
         A, B = self.factors[module]
+        if module in self.magnitudes:
+            return merge_update(weight, A, B, self.magnitudes[module], self.scaling)[0]
         return (B @ A) * self.scaling
 
 
 def read_adapter(adapter_dir: Path) -> Adapter:
-    config = read_adapter_config(adapter_dir)
+    config = read_adapter_config(adapter_dir, allow_dora=True)  # merged GGUF applies DoRA; gguf-lora refuses it
     if config.get("task_type") == "SEQ_CLS":
         raise ExportError(f"{adapter_dir} is a sequence-classification adapter; GGUF export supports causal "
                           "language models (task: causal_lm) only")
@@ -146,7 +151,11 @@ def read_adapter(adapter_dir: Path) -> Adapter:
         raise ExportError(f"{adapter_dir}: bias={config['bias']!r} adapters are not supported by the GGUF export")
     lora, full = split_adapter_keys(read_adapter_tensors(adapter_dir), adapter_dir)
     factors = {m: (p["A"].float(), p["B"].float()) for m, p in lora.items()}
-    return Adapter(adapter_dir, config, factors, {k: v for k, v in full.items()})
+    magnitudes = {m: p["m"].float() for m, p in lora.items() if "m" in p}
+    if bool(config.get("use_dora")) != bool(magnitudes) or (magnitudes and len(magnitudes) != len(factors)):
+        raise ExportError(f"{adapter_dir}: use_dora is {bool(config.get('use_dora'))} but {len(magnitudes)} of "
+                          f"{len(factors)} modules carry a lora_magnitude_vector; the files do not belong together")
+    return Adapter(adapter_dir, config, factors, {k: v for k, v in full.items()}, magnitudes)
 
 
 def check_adapter_fits(adapter: Adapter, base: BaseCheckpoint, config: Any, check_base: bool) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from lorakit.advise import available_memory, check_fits
+from lorakit.advise.check import init_time_warning
 from lorakit.config import RunConfig, dump_yaml, load_run_config
 from lorakit.data import check_num_labels, prepare_data
 from lorakit.errors import ConfigError, TrainingError
@@ -135,6 +136,9 @@ def check_memory(config: RunConfig) -> None:
     problem = check_fits(config, available_memory(str(device)))
     if problem:
         raise TrainingError(problem)
+    slow_init = init_time_warning(config)  # PiSSA/LoftQ SVDs of a big model on a CPU take hours
+    if slow_init and is_main():
+        print(slow_init, file=sys.stderr)
 
 
 def _prepare_data(config: RunConfig) -> Any:

@@ -4,6 +4,7 @@ optimizer (LoRA+ groups), the learning-rate schedule, and the data order.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -11,12 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.config import RunConfig
+from lorakit.config import WEIGHT_INITS, RunConfig, init_kind
 from lorakit.errors import TrainingError
-from lorakit.heads import set_label_names
+from lorakit.heads import saved_modules, set_label_names
 from lorakit.lora import inject_lora
 from lorakit.models import load_base, load_dtype
 from lorakit.quant import NF4Linear, quantize_model
+from lorakit.quant.linear import quant_targets
 
 
 def prepare_model(config: RunConfig, device: torch.device, dtype: torch.dtype,
@@ -26,10 +28,13 @@ def prepare_model(config: RunConfig, device: torch.device, dtype: torch.dtype,
     `load_on` (default: `device`) is where the weights are built: the CPU for FSDP2, which then moves
     only each rank's shard to the accelerator. `label_names` (seq_cls) become the head's id2label, which the
     adapter's lorakit.json and a merged checkpoint carry."""
+    # NOTE: lora.init pissa | olora | loftq read the full-precision W, so a qlora run with one loads the base in
+    # the compute dtype (peak: the whole model in 16 bits) and quantizes after the init, not while streaming.
+    streamed = config.method == "qlora" and not weight_init(config)
     model, tokenizer = load_base(
         config.base_model, task=config.task, dtype=load_dtype(config.method, dtype, device), device=load_on or device,
         revision=config.revision, num_labels=config.num_labels,
-        quant=config.quant if config.method == "qlora" else None, progress=True)
+        quant=config.quant if streamed else None, progress=True)
     if config.task == "seq_cls":
         set_label_names(model, label_names)
     return adapt_for_method(model, config, dtype), tokenizer
@@ -38,16 +43,33 @@ def prepare_model(config: RunConfig, device: torch.device, dtype: torch.dtype,
 def adapt_for_method(model: nn.Module, config: RunConfig, dtype: torch.dtype, progress: bool = True) -> nn.Module:
     """The method as config: NF4 base for qlora, adapters for lora/qlora, everything trainable for full;
     then gradient checkpointing (non-reentrant, so frozen inputs and 4-bit layers work)."""
-    if config.method == "qlora" and not any(isinstance(m, NF4Linear) for m in model.modules()):
+    quantized = any(isinstance(m, NF4Linear) for m in model.modules())
+    if config.method == "qlora" and not quantized and not weight_init(config):
         quantize_model(model, config.quant, compute_dtype=dtype, progress=progress)
     if config.method == "full":
         model.requires_grad_(True)
     else:
-        inject_lora(model, config.lora)
+        inject_lora(model, config.lora, quant=config.quant)
+    if config.method == "qlora" and weight_init(config):
+        _quantize_after_init(model, config, dtype, progress)
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def _quantize_after_init(model: nn.Module, config: RunConfig, dtype: torch.dtype, progress: bool) -> None:
+    """QLoRA after PiSSA/OLoRA (the residual W − s·B₀A₀ is what gets quantized) or LoftQ (its targets are NF4
+    already): every other layer as quantize_model would, modules trained in full (heads.SavedModule) kept."""
+    inside_saved = [m for n, _ in saved_modules(model) for m, _ in model.get_submodule(n).named_modules(prefix=n)]
+    quant = dataclasses.replace(config.quant, skip_modules=[*config.quant.skip_modules, *inside_saved])
+    if quant_targets(model, quant.skip_modules)[0]:
+        quantize_model(model, quant, compute_dtype=dtype, progress=progress)
+
+
+def weight_init(config: RunConfig) -> bool:
+    """lora.init reads the full-precision base weight (pissa | pissa_niter_N | olora | loftq)."""
+    return config.method != "full" and init_kind(config.lora.init) in WEIGHT_INITS
 
 
 def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
