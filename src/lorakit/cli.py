@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from lorakit.errors import LorakitError
+from lorakit.runtime.outdir import check_output_dir
+from lorakit.runtime.rundir import precheck_run_dir
 
 EXIT_USER_ERROR = 2
 
@@ -41,7 +43,6 @@ def _relaunch_train(args: argparse.Namespace) -> int:
     """`lorakit train --nproc N`: this same command on N local processes under torch.distributed.run."""
     from lorakit.config import load_run_config
     from lorakit.runtime.distributed import relaunch
-    from lorakit.runtime.rundir import precheck_run_dir
 
     config = load_run_config(args.config, args.set)  # report config problems once, before starting N processes
     mode = "resume" if args.resume or args.resume_anyway else "overwrite" if args.overwrite else "new"
@@ -129,7 +130,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     from lorakit.adapters import export_merged, load_lora_adapter, read_adapter_config
     from lorakit.models import load_model, load_tokenizer
-    from lorakit.runtime.outdir import check_output_dir
 
     check_output_dir(args.out, args.force)  # before anything is loaded
     meta_task = read_adapter_config(args.adapter).get("task_type", "CAUSAL_LM")

@@ -10,9 +10,9 @@ from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.config import LoraConfig, QuantConfig
-from lorakit.runtime.devices import pick_dtype
 from lorakit.lora import LoraLinear, inject_lora
 from lorakit.quant import NF4Linear, dequantize_nf4, quantize_model, quantize_nf4
+from lorakit.runtime.devices import pick_dtype
 
 LLAMA_KINDS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
