@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="output_dir holds a previous run: start over, moving it to <output_dir>.old-<time>/ "
                             "once the config, data and model are validated (nothing is deleted)")
     p.add_argument("--resume-anyway", action="store_true",
-                   help="with --resume: continue although lora/quant/lr/batch/data differ from the checkpoint's")
+                   help="--resume even though lora/quant/lr/batch/data differ from the checkpoint's (implies --resume)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-memory-check", action="store_true",
                    help="start even when the advisor predicts the run will not fit in memory")
