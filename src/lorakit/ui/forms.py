@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,7 @@ class NewRunForm:
 
     def __init__(self, root: RunsRoot, preset: RunConfig, resolve_base: Callable[[str], str]):
         self.root, self.preset, self.resolve_base = root, preset, resolve_base
+        self.verdicts: OrderedDict[str, dict[str, Any]] = OrderedDict()  # YAML -> verdict: a form re-asks often
 
     def defaults(self) -> dict[str, Any]:
         return {"fields": form_defaults(self.preset), "keys": list(FORM_KEYS), "reporters": list(REPORTERS),
@@ -128,7 +130,13 @@ class NewRunForm:
     def preview(self, name: str, fields: dict[str, Any], extra: str, with_advice: bool = True) -> dict[str, Any]:
         text = compose(self.preset, fields, extra, self.root.path(name or default_name(fields)))
         config, problems = validate(text)
-        advice = verdict(config, self.resolve_base) if config is not None and with_advice else None
+        advice = None
+        if config is not None and with_advice:
+            if text not in self.verdicts:
+                self.verdicts[text] = verdict(config, self.resolve_base)
+                while len(self.verdicts) > 64:
+                    self.verdicts.popitem(last=False)
+            advice = self.verdicts[text]
         return {"yaml": text, "problems": problems, "advice": advice}
 
     def create(self, name: str, fields: dict[str, Any], extra: str) -> Path:

@@ -24,7 +24,7 @@ from lorakit.ui.runs import UIError
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 COOKIE = "lorakit_ui"
 UI_HEADER = "x-lorakit-ui"
-OPEN_PATHS = ("/login", "/static/app.css")  # reachable without the key (the login page and its style)
+OPEN_PATHS = ("/login", "/static/app.css", "/static/icon.svg")  # reachable without the key (the login page and its style)
 
 
 def check_binding(host: str, api_key: str | None) -> None:

@@ -27,7 +27,7 @@ function el(tag, attrs, ...children) {
     else if (key === "text") node.textContent = value;
     else node.setAttribute(key, value === true ? "" : value);
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -113,8 +113,8 @@ class MetricsFeed {
 function lossCharts(container) {
   const charts = {
     loss: new LineChart({ title: "loss (train —, eval ●‑‑)", yLabel: "loss", log: localStorage.getItem("lorakit.log") === "1" }),
-    lr: new LineChart({ title: "learning rate", yLabel: "lr" }),
-    speed: new LineChart({ title: "supervised tokens / s", yLabel: "tokens/s" }),
+    lr: new LineChart({ title: "learning rate", yLabel: "lr", width: 380 }),
+    speed: new LineChart({ title: "supervised tokens / s", yLabel: "tokens/s", width: 380 }),
   };
   container.replaceChildren(...Object.values(charts).map((c) => c.node));
   return {
@@ -134,3 +134,6 @@ function lossCharts(container) {
     },
   };
 }
+
+// replaceChildren without the nulls a conditional child leaves.
+function fill(node, ...children) { node.replaceChildren(...children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false)); }

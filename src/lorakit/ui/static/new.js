@@ -49,13 +49,20 @@ function renderVerdict(advice) {
     advice.notes.length ? el("ul", {}, advice.notes.map((n) => el("li", { class: "muted" }, n))) : null);
 }
 
+// Problems and YAML at once; the advisor's verdict after (it reads the model's config.json, maybe remotely).
+let asked = 0;
 async function preview() {
+  const form = collect(), ticket = ++asked;
   try {
-    const data = await api("/api/form/preview", collect());
+    const data = await api("/api/form/preview", { ...form, advice: false });
+    if (ticket !== asked) return;  // a newer edit is on its way
     $("yaml").textContent = data.yaml;
     $("problems").replaceChildren(data.problems.length ? el("ul", { class: "problems", id: "problem-list" }, data.problems.map((p) => el("li", {}, p))) : el("span", { class: "ok" }, "valid: lorakit train accepts this config"));
-    $("advice").replaceChildren(renderVerdict(data.advice));
     $("start").disabled = data.problems.length > 0;
+    if (data.problems.length) { $("advice").replaceChildren(renderVerdict(null)); return; }
+    $("advice").replaceChildren(el("span", { class: "muted" }, "asking the advisor…"));
+    const advised = await api("/api/form/preview", { ...form, advice: true });
+    if (ticket === asked) $("advice").replaceChildren(renderVerdict(advised.advice));
   } catch (error) { showError($("problems"), error); $("start").disabled = true; }
 }
 

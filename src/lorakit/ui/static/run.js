@@ -51,7 +51,7 @@ function renderSummary(run, summary) {
 
 function renderActions(run) {
   $("status").replaceChildren(badge(run.status));
-  $("actions").replaceChildren(
+  fill($("actions"),
     run.status === "running" ? el("button", { class: "danger", "data-action": "stop", onclick: () => act("stop") }, "Stop (saves a checkpoint)") : null,
     run.resumable ? el("button", { "data-action": "resume", onclick: () => act("resume") }, "Resume") : null,
     run.has_adapter ? el("a", { class: "button", href: `/chat?id=${encodeURIComponent(runId)}` }, "Chat with it") : null);
@@ -67,7 +67,7 @@ function renderEval(report) {
   const samples = (j.samples || []).map((s) => el("div", { class: "card" },
     el("div", { class: "muted" }, "prompt"), el("pre", {}, s.prompt), el("div", { class: "kv" },
       el("div", {}, "reference"), el("div", {}, s.reference), el("div", {}, "base"), el("div", {}, s.base), el("div", {}, "tuned"), el("div", {}, s.tuned ?? "–"))));
-  $("eval").replaceChildren(table, canary, samples.length ? el("h2", { style: "margin-top:12px" }, "Sample generations") : null, ...samples);
+  fill($("eval"), table, canary, samples.length ? el("h2", { style: "margin-top:12px" }, "Sample generations") : null, ...samples);
 }
 
 function renderCheckpoints(list) {
@@ -78,7 +78,7 @@ function renderCheckpoints(list) {
 
 function renderExport(job) {
   if (!job) { $("export").replaceChildren(el("span", { class: "muted" }, "Merge writes <run>/merged/ (a standard transformers model); GGUF writes <run>/gguf-<dtype>/ with an Ollama Modelfile.")); return; }
-  $("export").replaceChildren(el("div", {}, `${job.kind} → ${job.out}: `, el("b", { id: "export-state" }, job.state), ` (${fmt.seconds(job.elapsed_s)})`),
+  fill($("export"), el("div", {}, `${job.kind} → ${job.out}: `, el("b", { id: "export-state" }, job.state), ` (${fmt.seconds(job.elapsed_s)})`),
     el("div", { class: "progress" }, el("div", { style: `width:${Math.round(job.progress * 100)}%` })),
     job.message ? el("pre", {}, job.message) : null);
 }
@@ -90,7 +90,7 @@ async function renderMemory() {
     const most = Math.max(m.predicted_bytes || 0, m.measured_bytes || 0) || 1;
     const bar = (label, bytes, cls) => el("div", { style: "margin:6px 0" }, el("div", {}, `${label}: `, el("b", {}, bytes ? fmt.bytes(bytes) : "not measured yet")),
       bytes ? el("div", { class: `bar ${cls}`, style: `width:${(100 * bytes) / most}%` }) : null);
-    $("memory").replaceChildren(bar("predicted (advisor, from config.json)", m.predicted_bytes, "predicted"),
+    fill($("memory"), bar("predicted (advisor, from config.json)", m.predicted_bytes, "predicted"),
       bar(`measured (summary.json${m.device ? ", " + m.device : ""})`, m.measured_bytes, "measured"),
       m.error_share !== undefined ? el("div", { class: "muted" }, `prediction ${m.error_share >= 0 ? "over" : "under"} by ${Math.abs(m.error_share * 100).toFixed(1)}% · peak in ${m.peak_phase}`) : null);
   } catch (error) { $("memory").replaceChildren(el("span", { class: "bad" }, error.message)); }
@@ -99,6 +99,7 @@ async function renderMemory() {
 async function refresh() {
   const data = await api(`/api/run?id=${encodeURIComponent(runId)}`);
   const run = data.run;
+  for (const b of $("export-buttons").children) b.disabled = !run.has_adapter;
   renderActions(run); renderSummary(run, data.summary); renderEval(data.eval); renderCheckpoints(data.checkpoints); renderExport(data.export);
   $("config").textContent = data.config_yaml || "–";
   $("log").textContent = data.log || "(no train.log: this run was not started from the dashboard)";
