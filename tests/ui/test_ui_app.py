@@ -136,7 +136,7 @@ def test_form_yaml_is_the_file_that_runs(runs):
 def fake_python(tmp_path):
     """Stands in for `python -m lorakit train`: records its arguments, exits 130 on SIGINT like the CLI."""
     script = tmp_path / "fake-python"
-    script.write_text("#!/bin/sh\necho \"$@\" > args.txt\ntrap 'echo interrupted; exit 130' INT\n"
+    script.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$4\")/args.txt\"\ntrap 'echo interrupted; exit 130' INT\n"
                       "i=0; while [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return str(script)
@@ -162,7 +162,9 @@ def test_start_stop_resume_run_a_separate_process(runs, fake_python):
     assert status() == "running"
     again = c.post("/api/form/start", json={"name": "new", "fields": {}}, headers=HEADERS)
     assert again.status_code == 409
-    assert c.post("/api/run/stop", json={"id": "new"}, headers=HEADERS).status_code == 200
+    restarted = client(runs, python=fake_python)  # a new UI finds the run its predecessor started, and stops it
+    assert {r["id"]: r["status"] for r in restarted.get("/api/runs").json()["runs"]}["new"] == "running"
+    assert restarted.post("/api/run/stop", json={"id": "new"}, headers=HEADERS).status_code == 200
     assert wait_for(lambda: status() == "stopped")  # exit 130, no summary: interrupted before training
     assert "interrupted" in (run / "train.log").read_text()
     refused = c.post("/api/run/resume", json={"id": "new"}, headers=HEADERS)

@@ -15,6 +15,8 @@ over the bytes expected (the base checkpoint's tensors at the output's bytes per
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import signal
 import socket
@@ -31,7 +33,7 @@ from lorakit.errors import LorakitError
 from lorakit.export.gguf import export_gguf
 from lorakit.export.merge_stream import merge_adapter_streaming
 from lorakit.quant.safetensors_io import CheckpointFiles
-from lorakit.ui.runs import UIError, pid_alive, read_config, read_lock
+from lorakit.ui.runs import CHILD_FILE, UIError, pid_alive, read_config, read_lock
 
 # --------------------------------------------------------------------------- training processes
 
@@ -72,9 +74,13 @@ class Trainer:
             with open(run_dir / "train.log", "ab") as log:
                 log.write(f"\n$ {' '.join(command[1:])}\n".encode())
                 log.flush()
+                # the UI's working directory: relative paths in the config mean what they mean to the CLI there
                 popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         cwd=run_dir, env=self.env, start_new_session=True)
+                                         env=self.env, start_new_session=True)
             process = TrainProcess(run_dir, popen, time.time(), resume)
+            (run_dir / CHILD_FILE).write_text(json.dumps({
+                "pid": popen.pid, "host": socket.gethostname(), "command": " ".join(command[1:]),
+                "started": dt.datetime.now().astimezone().isoformat(timespec="seconds")}))
             self.processes[run_dir] = process
             return process
 

@@ -34,7 +34,8 @@ from lorakit.config import yaml_load
 from lorakit.errors import LorakitError
 
 Status = Literal["running", "completed", "failed", "stopped"]
-LOCK_FILE = ".lorakit.lock"
+LOCK_FILE = ".lorakit.lock"  # held by `lorakit train` while it runs: {"pid", "host", "started", "command"}
+CHILD_FILE = ".lorakit-ui.json"  # the same facts, written by the UI for a trainer it started (jobs.Trainer)
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
 MAX_DEPTH = 4  # runs/<group>/<sub>/<run>: deep enough for grouped experiments, bounded for a huge tree
 RECENT_S = 90.0  # NOTE: without a lock file, a run whose metrics changed this recently is taken as running
@@ -156,11 +157,12 @@ def _finite(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_lock(run_dir: Path) -> dict[str, Any] | None:
-    """The holder of a training run's lock ({"pid", "host", "started", ...}), or None when there is none."""
-    path = run_dir / LOCK_FILE
-    if not path.exists():
-        return None
-    return read_json(path) or {}
+    """Who trains (or trained) in run_dir: {"pid", "host", "started", ...} from the trainer's lock file, else
+    from the UI's record of a trainer it started (so a restarted UI finds its runs again); None when neither."""
+    for name in (LOCK_FILE, CHILD_FILE):
+        if (run_dir / name).exists():
+            return read_json(run_dir / name) or {}
+    return None
 
 
 def pid_alive(pid: Any) -> bool:
@@ -219,7 +221,7 @@ def run_status(run_dir: Path, child: Literal["alive", "stopped", "failed"] | Non
     if child == "stopped":
         return "stopped"
     recent = (_mtime(run_dir / "metrics.jsonl") or 0) > time.time() - RECENT_S
-    if child is None and recent and not (run_dir / LOCK_FILE).exists():
+    if child is None and recent and read_lock(run_dir) is None:
         return "running"
     return "failed"
 
@@ -311,11 +313,13 @@ def eval_report(run_dir: Path) -> dict[str, Any] | None:
 
 
 def log_tail(run_dir: Path, max_bytes: int = 8000) -> str | None:
-    """The end of train.log (the stdout and stderr of a run the UI started)."""
+    """The end of train.log (the stdout and stderr of a run the UI started), each progress-bar line shown as
+    its last state (a bar redraws itself with carriage returns)."""
     path = run_dir / "train.log"
     try:
         with open(path, "rb") as f:
             f.seek(max(0, path.stat().st_size - max_bytes))
-            return f.read().decode("utf-8", errors="replace")
+            text = f.read().decode("utf-8", errors="replace")
     except OSError:
         return None
+    return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n"))
