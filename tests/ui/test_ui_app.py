@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("fastapi", reason="pip install 'lorakit[ui]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from lorakit.cli import main  # noqa: E402
 from lorakit.config import RunConfig  # noqa: E402
 from lorakit.errors import LorakitError  # noqa: E402
 from lorakit.ui import RunsRoot, UIError, gated_app, make_state  # noqa: E402
@@ -194,10 +195,13 @@ def test_gate_host_key_and_write_header(runs):
     assert keyed.get("/api/runs", headers={"Host": "my-box.lan:7860"}).status_code == 200  # any Host once keyed
 
 
-def test_binding_elsewhere_needs_a_key(runs):
+def test_binding_elsewhere_needs_a_key(runs, tmp_path, capsys, monkeypatch):
     with pytest.raises(UIError, match="--api-key"):
         client(runs, host="0.0.0.0")
     assert isinstance(UIError("x"), LorakitError)
+    monkeypatch.delenv("LORAKIT_API_KEY", raising=False)
+    assert main(["ui", "--runs", str(tmp_path / "r"), "--host", "0.0.0.0"]) == 2  # the CLI: message, status 2
+    assert "--host 0.0.0.0 makes the dashboard" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
 def test_static_files_are_only_the_apps_own(runs):

@@ -28,6 +28,7 @@ from typing import Any
 from lorakit.advise import advise, fmt_bytes
 from lorakit.config import RunConfig, load_run_config
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.eval.metrics import LOWER_IS_BETTER
 from lorakit.ui.chat import ChatHub
 from lorakit.ui.forms import NewRunForm
 from lorakit.ui.jobs import Exporter, Trainer
@@ -103,7 +104,7 @@ def api_run(s: UIState, run_id: str) -> dict[str, Any]:
     config_text = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else None
     job = s.exporter.jobs.get(run_dir)
     return {"run": s.row(run_dir), "config_yaml": config_text, "summary": current_summary(run_dir),
-            "eval": eval_report(run_dir), "checkpoints": checkpoints(run_dir), "log": log_tail(run_dir),
+            "eval": eval_report(run_dir), "lower_is_better": sorted(LOWER_IS_BETTER), "checkpoints": checkpoints(run_dir), "log": log_tail(run_dir),
             "export": job.to_json() if job else None,
             "files": sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir() if not p.name.startswith("."))}
 
@@ -275,6 +276,7 @@ def run_ui(runs: str | Path = "runs", host: str = "127.0.0.1", port: int = 7860,
         import uvicorn
     except ImportError as e:
         raise ImportError(INSTALL_HINT) from e
+    check_binding(host, api_key)  # before anything else: a refused binding creates nothing
     s = make_state(runs, preset, resolve_base, device)
     app = gated_app(s, host, api_key)
     where = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"

@@ -287,7 +287,7 @@ def run_row(root: RunsRoot, run_dir: Path, child: Any = None, started: float | N
         "total_steps": (summary or {}).get("total_steps") or train.get("max_steps"),
         "best_eval_loss": best, "wall_time_s": wall, "modified": _iso(_latest_mtime(run_dir)),
         "has_adapter": (run_dir / "adapter" / "adapter_config.json").is_file(),
-        "resumable": status in ("stopped", "failed") and bool(checkpoints(run_dir)),
+        "resumable": status in ("stopped", "failed") and any((run_dir / "checkpoints").glob("step-*")),
     }
 
 

@@ -14,7 +14,7 @@ main.append(
   el("div", { id: "message" }),
   el("div", { class: "row" },
     el("div", { class: "card" }, el("h2", {}, "Summary"), el("div", { class: "kv", id: "summary" })),
-    el("div", { class: "card meminfo" }, el("h2", {}, "Peak memory: advisor prediction vs measured"), el("div", { id: "memory" }, el("span", { class: "muted" }, "…")))),
+    el("div", { class: "card meminfo" }, el("h2", {}, "Peak memory: advisor prediction vs measured"), el("div", { id: "memory" }, el("span", { class: "muted" }, "asking the advisor (it reads config.json and the data once)…")))),
   el("div", { class: "charts", id: "charts" }),
   el("div", { class: "row" },
     el("div", { class: "card" }, el("h2", {}, "Eval: base vs tuned"), el("div", { id: "eval" })),
@@ -57,15 +57,16 @@ function renderActions(run) {
     run.has_adapter ? el("a", { class: "button", href: `/chat?id=${encodeURIComponent(runId)}` }, "Chat with it") : null);
 }
 
-function renderEval(report) {
+function renderEval(report, lowerIsBetter) {
   if (!report) { $("eval").replaceChildren(el("span", { class: "muted" }, "No eval report yet (eval/eval.json is written when a run ends with eval.at_end, or by lorakit eval).")); return; }
   const j = report.json;
+  const better = (r) => (r.delta === null || r.delta === 0 ? null : lowerIsBetter.includes(r.metric) ? r.delta < 0 : r.delta > 0);
   const table = el("table", {}, el("tr", {}, ["metric", "base", "tuned", "delta"].map((h, i) => el("th", { class: i ? "num" : null }, h))),
-    (j.rows || []).map((r) => el("tr", {}, el("td", {}, r.metric), el("td", { class: "num" }, fmt.num(r.base)), el("td", { class: "num" }, fmt.num(r.tuned)),
-      el("td", { class: `num ${r.delta > 0 ? "ok" : ""}` }, r.delta === null ? "–" : (r.delta > 0 ? "+" : "") + fmt.num(r.delta)))));
+    (j.rows || []).map((r) => el("tr", {}, el("td", {}, r.metric + (lowerIsBetter.includes(r.metric) ? " ↓" : "")), el("td", { class: "num" }, fmt.num(r.base)), el("td", { class: "num" }, fmt.num(r.tuned)),
+      el("td", { class: `num ${better(r) === null ? "" : better(r) ? "ok" : "bad"}` }, r.delta === null ? "–" : (r.delta > 0 ? "+" : "") + fmt.num(r.delta)))));
   const canary = j.canary ? el("p", { class: "muted" }, "canary: " + Object.entries(j.canary).map(([k, v]) => `${k} ${typeof v === "number" ? fmt.num(v) : v}`).join(", ")) : null;
   const samples = (j.samples || []).map((s) => el("div", { class: "card" },
-    el("div", { class: "muted" }, "prompt"), el("pre", {}, s.prompt), el("div", { class: "kv" },
+    el("div", { class: "muted" }, "prompt"), el("pre", { class: "wrap" }, s.prompt), el("div", { class: "kv" },
       el("div", {}, "reference"), el("div", {}, s.reference), el("div", {}, "base"), el("div", {}, s.base), el("div", {}, "tuned"), el("div", {}, s.tuned ?? "–"))));
   fill($("eval"), table, canary, samples.length ? el("h2", { style: "margin-top:12px" }, "Sample generations") : null, ...samples);
 }
@@ -100,7 +101,7 @@ async function refresh() {
   const data = await api(`/api/run?id=${encodeURIComponent(runId)}`);
   const run = data.run;
   for (const b of $("export-buttons").children) b.disabled = !run.has_adapter;
-  renderActions(run); renderSummary(run, data.summary); renderEval(data.eval); renderCheckpoints(data.checkpoints); renderExport(data.export);
+  renderActions(run); renderSummary(run, data.summary); renderEval(data.eval, data.lower_is_better); renderCheckpoints(data.checkpoints); renderExport(data.export);
   $("config").textContent = data.config_yaml || "–";
   $("log").textContent = data.log || "(no train.log: this run was not started from the dashboard)";
   if (run.status !== lastStatus) { lastStatus = run.status; renderMemory(); }
