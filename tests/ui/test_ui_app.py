@@ -222,3 +222,16 @@ def test_runs_root_discovery_skips_run_subfolders(tmp_path):
     write_run(tmp_path / "b.old-20250101-000000")
     assert [root.run_id(p) for p in root.discover()] == ["a", "b.old-20250101-000000"]
     assert sys.platform != "win32"
+
+
+def test_a_summary_older_than_the_metrics_belongs_to_an_earlier_attempt(runs):
+    """Stopped, resumed from the UI, then the resumed trainer died: the old 'interrupted' summary no longer
+    speaks for the run (the resume rewrote metrics.jsonl after it)."""
+    run, now = runs / "stopped", time.time()
+    os.utime(run / "summary.json", (now - 600, now - 600))
+    os.utime(run / "metrics.jsonl", (now - 300, now - 300))
+    rows = {r["id"]: r for r in client(runs).get("/api/runs").json()["runs"]}
+    assert rows["stopped"]["status"] == "failed" and rows["stopped"]["resumable"]
+    os.utime(run / "metrics.jsonl", (now, now))  # still writing, no lock file (a CLI run before locks): running
+    rows = {r["id"]: r for r in client(runs).get("/api/runs").json()["runs"]}
+    assert rows["stopped"]["status"] == "running" and not rows["stopped"]["resumable"]
