@@ -94,6 +94,9 @@ def test_merge_export_finishes_with_progress_and_files(client, runs):
     job = wait_export(client)
     assert job["state"] == "done" and job["progress"] == 1.0, job
     assert (runs / "tiny" / "merged" / "model.safetensors").is_file() and job["out"] == str(runs / "tiny" / "merged")
+    (runs / "tiny" / "merged" / "NOTES.md").write_text("mine")  # a second export replaces only its own files
+    client.post("/api/run/export", json={"id": "tiny", "kind": "merge"}, headers=HEADERS)
+    assert wait_export(client)["state"] == "done" and (runs / "tiny" / "merged" / "NOTES.md").read_text() == "mine"
 
 
 def test_a_failed_export_says_why(client):

@@ -9,8 +9,10 @@ from that checkpoint.
 
 Export: merge (a standard transformers checkpoint, `lorakit.export.merge_stream`) or GGUF
 (`lorakit.export.gguf`) in a thread of the UI. Both write into a temp folder beside the output, renamed
-into place at the end (`runtime.atomic.atomic_directory`); the progress shown is the bytes in that folder
-over the bytes expected (the base checkpoint's tensors at the output's bytes per weight).
+into place at the end (`runtime.outdir.replace_files`, `runtime.atomic.atomic_directory`); the progress
+shown is the bytes in that folder over the bytes expected (the base checkpoint's tensors at the output's bytes
+per weight). The outputs are the run's own <run>/merged and <run>/gguf-<dtype>: exporting again replaces the
+files an export writes there (--force), never anything else.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ class Exporter:
         try:
             if job.kind == "merge":
                 task_type = read_adapter_config(run_dir / "adapter").get("task_type", "CAUSAL_LM")
-                merge_adapter_streaming(base, run_dir / "adapter", job.out,
+                merge_adapter_streaming(base, run_dir / "adapter", job.out, force=True,
                                         task="seq_cls" if task_type == "SEQ_CLS" else "causal_lm")
                 job.message = f"merged model written to {job.out} (transformers format, safetensors)"
             else:
