@@ -188,19 +188,8 @@ def build_ui_app(s: UIState) -> Any:
 
     app = FastAPI(title="lorakit ui", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ui = s
-
-    @app.exception_handler(UIError)
-    async def ui_error(_request: Any, exc: UIError) -> Any:
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
-
-    @app.exception_handler(ConfigError)
-    async def config_error(_request: Any, exc: ConfigError) -> Any:
-        return JSONResponse({"error": str(exc), "problems": exc.problems}, status_code=400)
-
-    @app.exception_handler(LorakitError)
-    async def lorakit_error(_request: Any, exc: LorakitError) -> Any:
-        return JSONResponse({"error": str(exc)}, status_code=400)
-
+    for error, status in ((UIError, None), (ConfigError, 400), (LorakitError, 400)):
+        app.add_exception_handler(error, _error_handler(JSONResponse, status))
     for route, page in PAGES.items():
         app.add_api_route(route, _page(page, FileResponse), methods=["GET"], include_in_schema=False)
 
@@ -211,6 +200,20 @@ def build_ui_app(s: UIState) -> Any:
             return JSONResponse({"error": f"no static file {name!r}"}, status_code=404)
         return Response(path.read_bytes(), media_type=STATIC_TYPES[path.suffix], headers={"Cache-Control": "no-cache"})
 
+    _add_api(app, s)
+    return app
+
+
+def _error_handler(json_response: Any, status: int | None) -> Callable[[Any, Exception], Any]:
+    """A user's mistake as {"error", "problems"?} with its status (UIError carries its own)."""
+    async def handler(_request: Any, exc: Exception) -> Any:
+        body = {"error": str(exc), **({"problems": exc.problems} if isinstance(exc, ConfigError) else {})}
+        return json_response(body, status_code=status or getattr(exc, "status", 400))
+
+    return handler
+
+
+def _add_api(app: Any, s: UIState) -> None:
     @app.get("/api/runs")
     def runs() -> Any:
         return api_runs(s)
@@ -251,8 +254,6 @@ def build_ui_app(s: UIState) -> Any:
     @app.post("/api/chat/prepare")
     def chat_prepare(body: dict) -> Any:
         return s.hub.prepare(s.root.resolve(_id(body)))
-
-    return app
 
 
 def _page(name: str, response: Any) -> Callable[[], Any]:
