@@ -168,6 +168,7 @@ def test_start_stop_resume_run_a_separate_process(runs, fake_python):
     assert restarted.post("/api/run/stop", json={"id": "new"}, headers=HEADERS).status_code == 200
     assert wait_for(lambda: status() == "stopped")  # exit 130, no summary: interrupted before training
     assert "interrupted" in (run / "train.log").read_text()
+    assert {r["id"]: r["status"] for r in client(runs).get("/api/runs").json()["runs"]}["new"] == "stopped"  # a new UI too
     refused = c.post("/api/run/resume", json={"id": "new"}, headers=HEADERS)
     assert refused.status_code == 409 and "no checkpoint" in refused.json()["error"]
     (run / "checkpoints" / "step-2").mkdir(parents=True)

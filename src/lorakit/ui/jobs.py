@@ -35,7 +35,7 @@ from lorakit.errors import LorakitError
 from lorakit.export.gguf import export_gguf
 from lorakit.export.merge_stream import merge_adapter_streaming
 from lorakit.quant.safetensors_io import CheckpointFiles
-from lorakit.ui.runs import CHILD_FILE, UIError, pid_alive, read_config, read_lock
+from lorakit.ui.runs import CHILD_FILE, UIError, pid_alive, read_config, read_json, read_lock
 
 # --------------------------------------------------------------------------- training processes
 
@@ -48,13 +48,25 @@ class TrainProcess:
     resume: bool
 
     def state(self) -> Literal["alive", "stopped", "failed"] | None:
-        """alive while it runs; after: stopped (interrupted before it trained), failed, or None (exited 0)."""
+        """alive while it runs; after: stopped (exit 130: interrupted), failed, or None (exited 0)."""
         code = self.popen.poll()
         if code is None:
             return "alive"
-        if code in (130, -signal.SIGINT):
-            return "stopped"
-        return None if code == 0 else "failed"
+        self.record_exit(code)
+        return exit_state(code)
+
+    def record_exit(self, code: int) -> None:
+        """The exit status into .lorakit-ui.json, once: a restarted UI still tells stopped from failed."""
+        path = self.run_dir / CHILD_FILE
+        info = read_json(path) or {}
+        if info.get("pid") == self.popen.pid and "exit_code" not in info:
+            path.write_text(json.dumps({**info, "exit_code": code}))
+
+
+def exit_state(code: int) -> Literal["stopped", "failed"] | None:
+    if code in (130, -signal.SIGINT):  # the CLI's status after Ctrl-C / SIGINT (a checkpoint was saved)
+        return "stopped"
+    return None if code == 0 else "failed"
 
 
 class Trainer:

@@ -210,15 +210,16 @@ def run_status(run_dir: Path, child: Literal["alive", "stopped", "failed"] | Non
     running    the lock's holder still runs, or the UI's own child does (or, with no lock file at all,
                metrics.jsonl changed in the last RECENT_S seconds and no summary says the run ended)
     completed  summary.json: completed or stopped early by early stopping
-    stopped    summary.json: interrupted (Ctrl-C / Stop; a checkpoint was saved), or the UI's child was
-               interrupted before it trained
+    stopped    summary.json: interrupted, or the trainer the UI started exited 130 (Ctrl-C / Stop: a
+               checkpoint was saved), as its child or as recorded in .lorakit-ui.json
     failed     anything else: the process is gone without writing a summary"""
     if child == "alive" or lock_holder(run_dir) is not None:
         return "running"
     summary = current_summary(run_dir)
     if summary is not None:
         return "stopped" if summary.get("status") == "interrupted" else "completed"
-    if child == "stopped":
+    exit_code = (read_json(run_dir / CHILD_FILE) or {}).get("exit_code") if child is None else None
+    if child == "stopped" or exit_code in (130, -2):  # -2: killed by SIGINT itself
         return "stopped"
     recent = (_mtime(run_dir / "metrics.jsonl") or 0) > time.time() - RECENT_S
     if child is None and recent and read_lock(run_dir) is None:
