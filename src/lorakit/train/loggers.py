@@ -5,8 +5,9 @@
                   MLFLOW_TRACKING_URI, when set, names a server or database instead)
     wandb         <output_dir>/wandb/, offline unless WANDB_MODE says otherwise (`wandb sync` uploads it later)
 
-Each line is logged under its own keys (loss, eval_loss, lr, grad_norm, tokens, tokens_per_s, epoch) at its
-optimizer `step`, so every tracker shows the curves metrics.jsonl holds, and nothing else. Each tracker is an
+Each line is logged under its own keys (loss, eval_loss, lr, grad_norm, tokens, tokens_per_s, epoch, and what a
+periodic eval adds) at its optimizer `step`, so every tracker shows the curves metrics.jsonl holds, and
+nothing else. Each tracker is an
 optional dependency imported here, at the point of use; config.py refuses a tracker that is not installed
 before any weight loads, with what to install.
 
@@ -18,6 +19,7 @@ it resumed from.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ from typing import Any, Protocol
 
 from lorakit.config import RunConfig
 
-# metrics.jsonl keys that are scalars (step is the x axis, never a series)
+# the scalars every training line has (a periodic eval adds eval_loss, its task metrics, eval_time_s, ...)
 SCALARS = ("loss", "eval_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "epoch")
 
 
@@ -35,8 +37,9 @@ class Reporter(Protocol):
 
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:
-    """The numeric scalars of one metrics line, keyed as in metrics.jsonl."""
-    return {k: float(row[k]) for k in SCALARS if isinstance(row.get(k), (int, float)) and not isinstance(row[k], bool)}
+    """Every finite number of one metrics line, keyed as in metrics.jsonl; `step` is the x axis, not a series."""
+    return {k: float(v) for k, v in row.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 class TensorBoardReporter:
