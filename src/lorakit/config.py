@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import math
 import re
 import types
@@ -564,6 +565,10 @@ class TrainConfig:
         "Compute dtype; auto = bf16 on CUDA, fp32 on CPU (bf16 matmul is ~100x slower on most CPUs).", default="auto"
     )
     device: str = _help("auto | cpu | cuda | cuda:N | mps; under torchrun each process takes cuda:LOCAL_RANK.", default="auto")
+    report_to: list[str] = _help(
+        "Also send the metrics.jsonl scalars to: tensorboard (event files in <output_dir>/tensorboard), mlflow "
+        "(a local file store, <output_dir>/mlruns), wandb (offline unless WANDB_MODE says otherwise, "
+        "<output_dir>/wandb); any subset, [] = none.", default_factory=list)
     parallel: Literal["ddp", "fsdp"] = _help(
         "Multi-process strategy under torchrun / --nproc: ddp (every GPU holds the whole model) or fsdp "
         "(FSDP2: weights, 4-bit codes, gradients and optimizer state sharded, for a model that does not fit one "
@@ -597,7 +602,29 @@ class TrainConfig:
             out.append(f"{prefix}.weight_decay must be >= 0, got {self.weight_decay!r}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
             out.append(f"{prefix}.device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
-        return out
+        return out + _report_to_problems(self.report_to, f"{prefix}.report_to")
+
+
+# train.report_to names -> (module imported, what to install): each tracker is an optional dependency
+REPORTERS: dict[str, tuple[str, str]] = {
+    "tensorboard": ("tensorboard", "pip install tensorboard"),
+    "mlflow": ("mlflow", "pip install mlflow-skinny (or mlflow)"),
+    "wandb": ("wandb", "pip install wandb"),
+}
+
+
+def _report_to_problems(names: Any, key: str) -> list[str]:
+    """Unknown names and trackers that are not installed, found before any weight loads."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return [f"{key} must be a list of tracker names ({', '.join(REPORTERS)}), got {names!r}"]
+    out = []
+    for name in names:
+        if name not in REPORTERS:
+            out.append(f"{key}: unknown tracker {name!r}; choose from {', '.join(REPORTERS)}")
+        elif importlib.util.find_spec(REPORTERS[name][0]) is None:
+            out.append(f"{key}: {name} is not installed: {REPORTERS[name][1]}, or pip install 'lorakit[loggers]' "
+                       f"for all three (or remove {name} from {key})")
+    return out
 
 
 @dataclass

@@ -60,6 +60,7 @@ from lorakit.runtime.distributed import (
     sharded,
     world_size,
 )
+from lorakit.train.loggers import Reporters, open_reporters
 from lorakit.train.select import Selection
 from lorakit.train.setup import BatchPlan, build_optimizer, build_scheduler, total_steps
 
@@ -98,6 +99,7 @@ class Loop:
                                 "collective); use train.parallel: ddp, or run `lorakit eval` on the checkpoints")
         self.window = {"loss": 0.0, "tokens": 0, "steps": 0, "start": time.perf_counter(), "grad_norm": 0.0}
         self.stop_reason = "completed"
+        self.reporters = Reporters([])  # train.report_to trackers, opened by run() on rank 0
 
     # ----- one optimizer step
 
@@ -285,6 +287,8 @@ class Loop:
         bar = make_progress(self.total, self.state.step, self.progress)
         self.measure_base()
         metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") if is_main() else None
+        if is_main():
+            self.reporters = open_reporters(self.config, self.run_dir, self.state.step)
         try:
             while self.state.step < self.total:
                 epoch_before = self.state.micro_batches // self.plan.per_epoch
@@ -322,6 +326,7 @@ class Loop:
             bar.close()
             if metrics is not None:
                 metrics.close()
+            self.reporters.close(self.stop_reason)
             self.state.elapsed_s = self.elapsed()
 
     def record_row(self, row: dict[str, Any], metrics: Any, bar: Any) -> None:
@@ -329,6 +334,7 @@ class Loop:
         if metrics is not None:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
+            self.reporters.log(row)  # train.report_to: the same scalars to TensorBoard / MLflow / W&B
         self.state.history.append(row)
         bar.set_postfix(progress_fields(row))
 
