@@ -21,6 +21,7 @@ import datetime as dt
 import hashlib
 import importlib.metadata
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,8 @@ from lorakit.lora import (
 from lorakit.quant.linear import NF4Linear
 from lorakit.runtime.atomic import atomic_directory
 from lorakit.runtime.outdir import check_output_dir, output_errors, replace_files
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -238,6 +241,11 @@ def save_lora_adapter(
     convertible = init_kind(config.init) in ("pissa", "olora")
     converted = convertible and (config.save_converted if converted is None else converted)
     tensors = lora_state_dict(model, adapter_name, converted=converted)
+    if converted and any(isinstance(layer.base_layer, NF4Linear) for _, layer in lora_layers(model)
+                         if adapter_name in layer.initial_factors):
+        log.warning("adapter %r is saved converted to plain LoRA on the original W, but it trained on NF4(W − s·B₀A₀): "
+                    "NF4(W) + the converted update differs from the trained model by the change in quantization error "
+                    "(as PEFT warns); save_converted: false keeps the factors for the reduced base", adapter_name)
 
     meta = {
         "lorakit_version": lorakit_version(),

@@ -32,6 +32,12 @@ matmuls and a scatter per adapter) is the plain version, kept as the oracle and 
 Modules an adapter trains in full (`modules_to_save`: a classifier head) get one copy per adapter beside the base's own (heads.py), so the
 same three switches apply to them.
 
+Two variants hook in here and keep their maths in modules of their own: a DoRA adapter (`use_dora`,
+lorakit.dora) adds a magnitude m per output row and takes its own forward, m/‖W + s·BA‖_row ⊙ (x Wᵀ +
+s·x AᵀBᵀ) + b (a batch that mixes it with other adapters is refused by `adapter_rows`); `init: pissa |
+olora | loftq` (lorakit.inits) sets A, B from the base weight and changes the base (reduced by s·BA, or
+LoftQ's 4-bit Q̂), keeping (A₀, B₀) so that the adapter can be saved as plain LoRA on the original base.
+
 The common case -- one active adapter over a frozen nn.Linear, Conv1D or NF4Linear, all in one dtype --
 runs as one autograd Function, `_LoraMatmul`, with the derivatives written out:
 
@@ -628,6 +634,10 @@ def _log_loftq(errors: list[tuple[float, float]], config: LoraConfig) -> None:
         "LoftQ (loftq_iter=%d, r=%d) on %d layers: reconstruction error ‖W − NF4(W)‖ = %.4g -> ‖W − Q̂ − s·BA‖ = "
         "%.4g (%.1f%% lower)", config.loftq_iter, config.r, len(errors), before, after, 100 * (1 - after / max(before, 1e-30)),
     )
+    if config.loftq_iter > 1:  # NOTE: round 1 quantizes W itself, so only loftq_iter 1 keeps the standard 4-bit base
+        log.warning("LoftQ with loftq_iter=%d: the 4-bit base is NF4(W − s·BA) of round %d, not NF4(W); the saved adapter "
+                    "reproduces this model only on that base, and a fresh QLoRA load (lorakit eval, generate) re-quantizes "
+                    "W: a small gap. loftq_iter: 1 has none.", config.loftq_iter, config.loftq_iter - 1)
 
 
 def modules_to_save(model: nn.Module, adapter_name: str) -> list[str]:
