@@ -137,8 +137,8 @@ def test_metric_lists_agree_with_the_eval_package():
     (["train.select_best.metric=bleu"], "train.select_best.metric must be one of eval_loss, exact_match"),
     (["train.select_best.max_forgetting=-1"], "max_forgetting must be >= 0"),
     (["eval.every_eval=[exact_match, bleu]"], "eval.every_eval: unknown metric 'bleu'"),
-    (["eval.every_eval=yes please"], "eval.every_eval must be true, false or a non-empty list"),
-    (["train.select_best=exact_match"], "train.select_best must be a mapping such as {metric: exact_match"),
+    (["eval.every_eval=yes please"], "eval.every_eval must be true or false or a list of strings, got 'yes please'"),
+    (["train.select_best=exact_match"], "train.select_best must be a mapping of SelectConfig keys, got 'exact_match'"),
     (["train.select_best.metric=canary_loss", "eval.every_eval=true", "eval.canary=null"], "canary_loss needs eval.canary"),
     (["eval.judge.base_url=localhost:8000", "eval.judge.scale=1"], "eval.judge.base_url must be an http(s) URL"),
 ])
