@@ -262,7 +262,7 @@ def worker_micro(spec: dict) -> dict:
 
 
 def worker_merge(spec: dict) -> dict:
-    from lorakit.export import merge_adapter_streaming
+    from lorakit.export.merge_stream import merge_adapter_streaming
 
     t0 = time.perf_counter()
     merge_adapter_streaming(spec["model_dir"], spec["adapter_dir"], spec["out_dir"])

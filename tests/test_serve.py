@@ -453,3 +453,50 @@ def test_next_tokens_per_row_samples_rows_with_the_same_settings_together():
         top2 = logits.topk(2, dim=-1).indices
         assert all(chosen[i] in top2[i] for i in range(6))
         assert torch.equal(chosen[6:], logits[6:].argmax(-1))  # top_k=1 leaves each row its own best token
+
+
+# --------------------------------------------------------------------------- a client that leaves, a port in use
+
+
+def test_a_non_streaming_request_stops_generating_when_its_client_hangs_up(server, world, monkeypatch):
+    """The client closes its connection mid-answer: the engine cancels its job instead of generating to
+    max_tokens for nobody (each decode step is slowed so a full answer would take ~6 s)."""
+    import socket
+
+    srv, state = server
+    slow_step = state.engine._step
+
+    def step() -> None:
+        time.sleep(0.1)
+        slow_step()
+
+    monkeypatch.setattr(state.engine, "_step", step)
+    body = json.dumps({"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 60, "ignore_eos": True}).encode()
+    host, port = srv.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 10
+        while state.engine.load()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert state.engine.load()["running"] == 1
+    hung_up = time.monotonic()
+    while state.engine.load()["running"] and time.monotonic() - hung_up < 5:
+        time.sleep(0.05)
+    assert state.engine.load() == {"running": 0, "waiting": 0}
+    assert time.monotonic() - hung_up < 2.5  # cancelled within a few polls, not after 60 slowed steps
+
+
+def test_serve_binds_before_it_says_it_serves(capsys):
+    import socket
+
+    from lorakit.cli import main
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code = main(["serve", "--base", "./not-loaded-when-the-port-is-taken", "--port", str(port)])
+    out, err = capsys.readouterr()
+    assert code == 2 and "serving" not in out
+    assert f"--port {port}: cannot listen there" in err and "pick another --port" in err

@@ -18,7 +18,7 @@ from lorakit.adapters import lorakit_version as version
 from lorakit.advise import advise
 from lorakit.config import RunConfig, field_help, load_run_config
 from lorakit.data import inspect_data
-from lorakit.demo import resolve_base_name
+from lorakit.demo import demo_run_config, resolve_base_name
 from lorakit.errors import LorakitError
 from lorakit.eval import parse_thresholds
 from lorakit.export.gguf import export_gguf
@@ -29,6 +29,7 @@ from lorakit.runtime.distributed import launched, relaunch
 from lorakit.runtime.rundir import precheck_run_dir
 from lorakit.serve import ServeSettings, parse_adapter_specs, run_server
 from lorakit.train import format_summary
+from lorakit.ui import run_ui
 
 EXIT_USER_ERROR = 2
 
@@ -141,6 +142,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(settings)
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    preset = demo_run_config()  # the new-run form starts from the quickstart's QLoRA run on the demo
+    preset.eval.at_end = True
+    return run_ui(args.runs, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"),
+                  preset=preset, resolve_base=resolve_base_name)
+
+
 def cmd_advise(args: argparse.Namespace) -> int:
     config = load_run_config(args.config, args.set) if args.config or args.set else None
     if config is not None and not args.model:  # the advisor reads config.json: 'demo' becomes its directory
@@ -183,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="output_dir holds a previous run: start over, moving it to <output_dir>.old-<time>/ "
                             "once the config, data and model are validated (nothing is deleted)")
     p.add_argument("--resume-anyway", action="store_true",
-                   help="with --resume: continue although lora/quant/lr/batch/data differ from the checkpoint's")
+                   help="--resume even though lora/quant/lr/batch/data differ from the checkpoint's (implies --resume)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-memory-check", action="store_true",
                    help="start even when the advisor predicts the run will not fit in memory")
@@ -268,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ui", help="dashboard in the browser: runs, live curves, new runs, chat, export (offline)")
+    p.add_argument("--runs", default="runs", help="folder of run directories (default: runs)")
+    p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; any other needs --api-key)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--api-key", help="require this key (log in once in the browser; or set LORAKIT_API_KEY)")
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("advise", help="what to run, whether it fits in memory and how long it takes (no weights loaded)")
     p.add_argument("--config", help="YAML run config: predict exactly this run")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import math
 import re
 import types
@@ -332,6 +333,56 @@ class GenerationConfig:
         return out
 
 
+# Metrics a run can select on (eval/metrics.py computes them; tests keep the two lists in step).
+LOWER_IS_BETTER_METRICS = ("eval_loss", "perplexity", "canary_loss", "canary_change")
+EVERY_EVAL_METRICS = ("exact_match", "token_f1", "rouge_l", "json_valid", "schema_valid", "accuracy", "macro_f1",
+                      "judge_score")
+SELECTABLE_METRICS = ("eval_loss", *EVERY_EVAL_METRICS, "canary_loss")
+
+
+DEFAULT_RUBRIC = (
+    "Score how well the answer matches the reference answer for the prompt: correctness first, then "
+    "completeness and format. {scale} = equivalent to the reference, 1 = wrong or unusable."
+)
+
+
+@dataclass
+class JudgeConfig:
+    """LLM-as-judge: any OpenAI-compatible chat endpoint scores each answer against its reference."""
+
+    base_url: str | None = _help(
+        "OpenAI-compatible endpoint (https://api.openai.com/v1, a vLLM server, `lorakit serve`: "
+        "http://127.0.0.1:8000/v1); null = no judge.", default=None)
+    model: str = _help("Model name sent to the endpoint.", default="")
+    api_key_env: str | None = _help("Environment variable holding the API key (never the key itself); null = none.",
+                                    default=None)
+    rubric: str = _help("What a good answer is; {scale} is replaced by the top score.", default=DEFAULT_RUBRIC)
+    scale: int = _help("Scores run from 1 to this; judge_score = (score - 1) / (scale - 1), in [0, 1].", default=5)
+    timeout_s: float = _help("Seconds per request before it is retried.", default=60.0)
+    max_retries: int = _help("Retries of a failed request (timeouts, 429, 5xx), with exponential backoff.", default=3)
+    during_training: bool = _help("Also judge the during-training prompts at every eval (eval.every_eval).",
+                                  default=True)
+
+    def problems(self, prefix: str = "eval.judge") -> list[str]:
+        if self.base_url is None:
+            return []
+        out = []
+        if not isinstance(self.base_url, str) or not re.match(r"https?://", self.base_url):
+            out.append(f"{prefix}.base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {self.base_url!r}")
+        if not isinstance(self.model, str) or not self.model:
+            out.append(f"{prefix}.model must name the judge model on that endpoint, got {self.model!r}")
+        if self.api_key_env is not None and not (isinstance(self.api_key_env, str) and self.api_key_env):
+            out.append(f"{prefix}.api_key_env must name an environment variable or be null, got {self.api_key_env!r}")
+        if not isinstance(self.rubric, str) or not self.rubric.strip():
+            out.append(f"{prefix}.rubric must be a non-empty text, got {self.rubric!r}")
+        if not isinstance(self.scale, int) or isinstance(self.scale, bool) or self.scale < 2:
+            out.append(f"{prefix}.scale must be an integer >= 2 (scores 1..scale), got {self.scale!r}")
+        if not _is_number(self.timeout_s) or self.timeout_s <= 0:
+            out.append(f"{prefix}.timeout_s must be a number > 0, got {self.timeout_s!r}")
+        if not isinstance(self.max_retries, int) or isinstance(self.max_retries, bool) or self.max_retries < 0:
+            out.append(f"{prefix}.max_retries must be an integer >= 0, got {self.max_retries!r}")
+        return out
+
 
 @dataclass
 class EvalConfig:
@@ -351,15 +402,39 @@ class EvalConfig:
     schema: str | dict | None = _help("JSON schema (path or mapping) the outputs must satisfy; null = none.", default=None)
     label_key: str | None = _help("JSON key holding the class in outputs and references (accuracy, macro F1).", default=None)
     canary: str | None = _help(
-        'Forgetting canary: "builtin", a JSONL of {"prompt", "completion"} rows, or null = off.', default="builtin"
+        'Forgetting canary: "builtin", a JSONL of open {"prompt", "completion"} rows and/or multiple-choice '
+        '{"prompt", "options", "answer"} rows (scored by option likelihood: canary_accuracy), or null = off.',
+        default="builtin"
     )
     canary_max_increase: float = _help("Flag forgetting when canary perplexity rises by more than this share.", default=0.10)
     batch_size: int = _help("Rows per generation / loss batch.", default=16)
     samples: int = _help("Example generations shown in the report (base and tuned side by side).", default=3)
     at_end: bool = _help("Run this eval (base vs tuned) when training ends, writing <output_dir>/eval/.", default=True)
+    every_eval: bool | list[str] = _help(
+        "At each periodic eval during training, besides the eval loss: generate for a fixed seeded subset of "
+        "eval prompts and score the task's metrics (true = every metric the task produces, or a list such as "
+        "[exact_match, json_valid]) and measure the forgetting canary; logged to metrics.jsonl and loss.png.",
+        default=False)
+    during_training_prompts: int = _help(
+        "Prompts generated for at each eval when every_eval is on (a fixed seeded subset; bounds the time).",
+        default=64)
+    judge: JudgeConfig = _help(
+        "LLM-as-judge (judge_score): base_url, model, api_key_env, rubric, scale; base_url null = off.",
+        default_factory=JudgeConfig)
 
     def problems(self, prefix: str = "eval") -> list[str]:
         out = self.generation.problems(f"{prefix}.generation")
+        out += self.judge.problems(f"{prefix}.judge") if isinstance(self.judge, JudgeConfig) else [
+            f"{prefix}.judge must be a mapping {{base_url, model, api_key_env, rubric, scale}}, got {self.judge!r}"]
+        every = self.every_eval
+        if not isinstance(every, bool) and not (isinstance(every, list) and every and all(isinstance(m, str) for m in every)):
+            out.append(f"{prefix}.every_eval must be true, false or a non-empty list of metric names, got {every!r}")
+        elif isinstance(every, list):
+            out += [f"{prefix}.every_eval: unknown metric {m!r}; choose from {', '.join(EVERY_EVAL_METRICS)}"
+                    for m in every if m not in EVERY_EVAL_METRICS]
+        if not isinstance(self.during_training_prompts, int) or isinstance(self.during_training_prompts, bool) \
+                or self.during_training_prompts < 1:
+            out.append(f"{prefix}.during_training_prompts must be an integer >= 1, got {self.during_training_prompts!r}")
         for key in ("max_prompts", "batch_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
@@ -417,6 +492,41 @@ class DataConfig:
 
 
 @dataclass
+class SelectConfig:
+    """Which eval's weights become adapter/: the best `metric` among evals whose canary rose at most `max_forgetting`."""
+
+    metric: str | None = _help(
+        "Metric that picks the saved adapter and drives early stopping: eval_loss, exact_match, token_f1, rouge_l, "
+        "json_valid, schema_valid, accuracy, macro_f1, judge_score, canary_loss. null = off: adapter/ holds the "
+        "last weights (or, with early_stopping_patience, the lowest eval loss).", default=None)
+    mode: Literal["auto", "max", "min"] = _help(
+        "max or min; auto = min for losses, max for the rates.", default="auto")
+    max_forgetting: float | None = _help(
+        "Largest canary perplexity rise over the base (0.10 = +10%) an eval may show and still be chosen; "
+        "null = no limit. Needs the canary measured during training (eval.every_eval).", default=0.10)
+
+    def problems(self, prefix: str = "train.select_best") -> list[str]:
+        out = _choice_problems(self, prefix, ("mode",))
+        if self.metric is not None and self.metric not in SELECTABLE_METRICS:
+            out.append(f"{prefix}.metric must be one of {', '.join(SELECTABLE_METRICS)} or null; got {self.metric!r}")
+        elif self.metric is not None and self.mode != "auto":
+            natural = "min" if self.metric in LOWER_IS_BETTER_METRICS else "max"
+            if self.mode != natural:
+                out.append(f"{prefix}.mode {self.mode} contradicts {self.metric} ({'lower' if natural == 'min' else 'higher'} "
+                           f"is better); use mode: {natural} or auto")
+        if self.max_forgetting is not None and (not _is_number(self.max_forgetting) or self.max_forgetting < 0):
+            out.append(f"{prefix}.max_forgetting must be >= 0 (0.10 = +10% canary perplexity) or null, "
+                       f"got {self.max_forgetting!r}")
+        return out
+
+    @property
+    def direction(self) -> Literal["max", "min"]:
+        if self.mode != "auto":
+            return self.mode
+        return "min" if (self.metric or "eval_loss") in LOWER_IS_BETTER_METRICS else "max"
+
+
+@dataclass
 class TrainConfig:
     """The optimization loop."""
 
@@ -444,13 +554,21 @@ class TrainConfig:
     save_every: int | None = _help("Optimizer steps between checkpoints; null = only at the end.", default=100)
     keep_checkpoints: int = _help("Checkpoints kept (oldest deleted first).", default=3)
     early_stopping_patience: int | None = _help(
-        "Stop after this many evals without improvement and restore the best adapter; null = off.", default=None
+        "Stop after this many evals without improvement of train.select_best.metric (default: eval loss) and "
+        "keep the best adapter; null = off.", default=None
     )
+    select_best: SelectConfig = _help(
+        "Checkpoint selection: {metric, mode, max_forgetting}; the chosen eval's weights become adapter/, the "
+        "last ones adapter-last/.", default_factory=SelectConfig)
     seed: int = _help("Seed for initialization, dropout and data order.", default=42)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
         "Compute dtype; auto = bf16 on CUDA, fp32 on CPU (bf16 matmul is ~100x slower on most CPUs).", default="auto"
     )
     device: str = _help("auto | cpu | cuda | cuda:N | mps; under torchrun each process takes cuda:LOCAL_RANK.", default="auto")
+    report_to: list[str] = _help(
+        "Also send the metrics.jsonl scalars to: tensorboard (event files in <output_dir>/tensorboard), mlflow "
+        "(a local file store, <output_dir>/mlruns), wandb (offline unless WANDB_MODE says otherwise, "
+        "<output_dir>/wandb); any subset, [] = none.", default_factory=list)
     parallel: Literal["ddp", "fsdp"] = _help(
         "Multi-process strategy under torchrun / --nproc: ddp (every GPU holds the whole model) or fsdp "
         "(FSDP2: weights, 4-bit codes, gradients and optimizer state sharded, for a model that does not fit one "
@@ -458,6 +576,9 @@ class TrainConfig:
 
     def problems(self, prefix: str = "train") -> list[str]:
         out = _choice_problems(self, prefix, ("optimizer", "scheduler", "dtype", "parallel"))
+        out += self.select_best.problems(f"{prefix}.select_best") if isinstance(self.select_best, SelectConfig) else [
+            f"{prefix}.select_best must be a mapping such as {{metric: exact_match, max_forgetting: 0.1}}, "
+            f"got {self.select_best!r}"]
         positive_ints = ("micro_batch_size", "grad_accum", "log_every", "keep_checkpoints")
         for key in positive_ints:
             value = getattr(self, key)
@@ -481,7 +602,29 @@ class TrainConfig:
             out.append(f"{prefix}.weight_decay must be >= 0, got {self.weight_decay!r}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
             out.append(f"{prefix}.device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
-        return out
+        return out + _report_to_problems(self.report_to, f"{prefix}.report_to")
+
+
+# train.report_to names -> (module imported, what to install): each tracker is an optional dependency
+REPORTERS: dict[str, tuple[str, str]] = {
+    "tensorboard": ("tensorboard", "pip install tensorboard"),
+    "mlflow": ("mlflow", "pip install mlflow-skinny (or mlflow)"),
+    "wandb": ("wandb", "pip install wandb"),
+}
+
+
+def _report_to_problems(names: Any, key: str) -> list[str]:
+    """Unknown names and trackers that are not installed, found before any weight loads."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return [f"{key} must be a list of tracker names ({', '.join(REPORTERS)}), got {names!r}"]
+    out = []
+    for name in names:
+        if name not in REPORTERS:
+            out.append(f"{key}: unknown tracker {name!r}; choose from {', '.join(REPORTERS)}")
+        elif importlib.util.find_spec(REPORTERS[name][0]) is None:
+            out.append(f"{key}: {name} is not installed: {REPORTERS[name][1]}, or pip install 'lorakit[loggers]' "
+                       f"for all three (or remove {name} from {key})")
+    return out
 
 
 @dataclass
@@ -512,6 +655,34 @@ class RunConfig:
         out += self.lora.problems() + self.quant.problems() + self.data.problems() + self.train.problems()
         out += _method_problems(self)
         out += self.eval.problems()
+        if isinstance(self.train.select_best, SelectConfig) and isinstance(self.eval.judge, JudgeConfig):
+            out += self._selection_problems()
+        return out
+
+    def _selection_problems(self) -> list[str]:
+        """Metrics this run cannot produce, named before any weight loads. (Whether the outputs carry labels
+        or a schema is checked when training starts: the built-in task fills those settings in later.)"""
+        every, metric = self.eval.every_eval, self.train.select_best.metric
+        asked = [m for m in ([metric] if metric else []) + (every if isinstance(every, list) else [])
+                 if m in SELECTABLE_METRICS]
+        out = []
+        if self.task == "seq_cls":
+            out += [f"{m} is not produced by task seq_cls (a classifier head generates no text); choose from "
+                    f"eval_loss, accuracy, macro_f1" for m in dict.fromkeys(asked) if m not in ("eval_loss", "accuracy", "macro_f1")]
+        if "judge_score" in asked and self.eval.judge.base_url is None:
+            out.append("judge_score needs a judge: set eval.judge.base_url and eval.judge.model (any OpenAI-compatible "
+                       "endpoint, e.g. `lorakit serve`)")
+        elif "judge_score" in asked and not self.eval.judge.during_training:
+            out.append("judge_score is measured during training only with eval.judge.during_training: true")
+        if metric not in (None, "eval_loss") and every is False:
+            out.append(f"train.select_best.metric {metric} is measured during training only with eval.every_eval: true "
+                       f"(or a list naming it)")
+        elif metric in EVERY_EVAL_METRICS and isinstance(every, list) and metric not in every:
+            out.append(f"train.select_best.metric {metric} is not in eval.every_eval {every}; add it to the list")
+        if metric == "canary_loss" and self.eval.canary is None:
+            out.append("train.select_best.metric canary_loss needs eval.canary (builtin or a file), got null")
+        if metric == "eval_loss" and self.data.train is not None and self.data.eval is None and self.data.eval_fraction == 0:
+            out.append("train.select_best.metric eval_loss needs eval data: set data.eval or data.eval_fraction > 0")
         return out
 
 

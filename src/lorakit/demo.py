@@ -315,7 +315,8 @@ def resolve_demo(config: RunConfig) -> RunConfig:
 
     base_model: demo     -> the built demo model directory
     data.train: null     -> the demo task's files, written under output_dir/data
-    eval left at its defaults on the demo task's data -> the demo task's eval settings
+    eval left at its defaults on the demo task's data -> the demo task's eval settings (at_end, every_eval,
+                            during_training_prompts and judge kept as given)
     eval.canary: builtin on the demo base -> the demo canary file (general text of the demo's own
                             pre-training distribution; the English canary means nothing to a 1M model)
     Nothing below the entry points knows the demo exists."""
@@ -325,8 +326,9 @@ def resolve_demo(config: RunConfig) -> RunConfig:
     if config.data.train is None:
         paths = write_demo_data(data_dir)
         config.data.train, config.data.eval = str(paths["train"]), config.data.eval or str(paths["eval"])
-    if config.eval == EvalConfig(at_end=config.eval.at_end) and is_demo_data(config.data.train):
-        config.eval = dataclasses.replace(demo_eval_settings(), at_end=config.eval.at_end)
+    kept = {k: getattr(config.eval, k) for k in ("at_end", "every_eval", "during_training_prompts", "judge")}
+    if config.eval == EvalConfig(**kept) and is_demo_data(config.data.train):  # when and what to measure: the user's
+        config.eval = dataclasses.replace(demo_eval_settings(), **kept)
     if demo_base and config.eval.canary == "builtin":
         canary = data_dir / "canary.jsonl"
         if not canary.is_file():

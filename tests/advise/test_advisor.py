@@ -20,7 +20,8 @@ def test_cli_json_has_the_numbers(tiny_dir, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["memory_available_bytes"] == 8 * 2**30
     assert isinstance(out["peak_memory_bytes"], int) and out["peak_memory_bytes"] > 0
-    assert out["step_time_s"] > 0 and out["total_time_s"] == pytest.approx(out["total_steps"] * out["step_time_s"])
+    assert out["step_time_s"] > 0 and out["eval_time_s"] > 0 and out["evals"] >= 1
+    assert out["total_time_s"] == pytest.approx(out["total_steps"] * out["step_time_s"] + out["evals"] * out["eval_time_s"])
     assert out["cost"] == pytest.approx(out["total_time_s"] / 3600 * 2)
     for term in ("weights", "lora_params", "optimizer_states", "activations", "logits_loss", "framework_overhead"):
         assert out["memory_terms"][term]["explanation"]

@@ -8,7 +8,7 @@ import pytest
 from advise_tiny import fixed_rates_fixture, llama3_8b_by_hand, run_config, tiny_dir_fixture  # noqa: F401
 
 from lorakit.advise import CPU_BASELINE_BYTES, check_fits, fmt_bytes
-from lorakit.advise.memory import QUANTIZE_WORKSPACE_BYTES
+from lorakit.advise.memory import quantize_workspace_bytes
 from lorakit.config import DataConfig, RunConfig, TrainConfig
 from lorakit.errors import ConfigError
 
@@ -39,10 +39,10 @@ def test_a_load_that_cannot_fit_is_a_clear_error_with_the_numbers():
     hand = llama3_8b_by_hand()
     config = RunConfig(base_model="8B", method="qlora", train=TrainConfig(device="cpu", dtype="float32"))
     message = check_fits(config, 4 * 2**30)
-    load = hand["nf4"] + hand["unquantized"] + (2 + QUANTIZE_WORKSPACE_BYTES) * hand["largest"]
+    load = hand["nf4"] + hand["unquantized"] + 2 * hand["largest"] + quantize_workspace_bytes(hand["largest"])
     assert message.startswith("8B does not even load in the 4.00 GiB available on cpu: the load needs "
                               f"{fmt_bytes(load + CPU_BASELINE_BYTES)}")
-    for part in (hand["nf4"], hand["unquantized"], 2 * hand["largest"], QUANTIZE_WORKSPACE_BYTES * hand["largest"], load):
+    for part in (hand["nf4"], hand["unquantized"], 2 * hand["largest"], quantize_workspace_bytes(hand["largest"]), load):
         assert fmt_bytes(part) in message
     assert "streamed" in message and "smaller model" in message and "micro_batch_size" not in message
     assert check_fits(config, 24 * 10**9) is None  # the 24 GB machine: it fits

@@ -38,7 +38,13 @@ from lorakit.advise import (
     resolve_workload,
     weight_bytes,
 )
-from lorakit.advise.memory import QUANTIZE_WORKSPACE_BYTES, load_bytes, qlora_load_parts, qlora_weight_bytes
+from lorakit.advise.memory import (
+    QUANTIZE_WORKSPACE_BYTES,
+    load_bytes,
+    qlora_load_parts,
+    qlora_weight_bytes,
+    quantize_workspace_bytes,
+)
 from lorakit.config import RunConfig, TrainConfig
 from lorakit.loss import causal_lm_loss_sum
 from lorakit.quant import NF4Linear
@@ -175,10 +181,10 @@ def test_qlora_8b_weights_and_streamed_load_by_hand():
     assert 3.3 < hand["nf4"] / 2**30 < 3.4 and 1.9 < hand["unquantized"] / 2**30 < 2.0
     parts = qlora_load_parts(w, shape)
     assert parts == {"nf4": hand["nf4"], "unquantized": hand["unquantized"], "tensor": 2 * hand["largest"],
-                     "workspace": QUANTIZE_WORKSPACE_BYTES * hand["largest"]}
+                     "workspace": quantize_workspace_bytes(hand["largest"])}
     mem = memory_model(w, shape)
     assert mem.phases["load"] == sum(parts.values()) + CPU_BASELINE_BYTES  # no heap slack while loading
-    assert mem.term("load_transient") == (2 + QUANTIZE_WORKSPACE_BYTES) * hand["largest"]
+    assert mem.term("load_transient") == 2 * hand["largest"] + quantize_workspace_bytes(hand["largest"])
 
 
 @pytest.mark.parametrize(("dtype", "stored"), [(None, 4), ("bfloat16", 2), ("float16", 2), ("float32", 4)])
@@ -198,18 +204,19 @@ def test_qlora_keeps_unquantized_weights_in_the_checkpoints_dtype(tmp_path, dtyp
     assert load_bytes(lora, shape) == shape.n_params * 4  # LoRA loads the whole model in the load dtype
 
 
-def test_quantize_workspace_is_what_quantize_nf4_allocates(tmp_path):
-    """QUANTIZE_WORKSPACE_BYTES against the real thing: the RSS high-water mark of a fresh process while
+@pytest.mark.parametrize("n", [2**21, 4096 * 4096])
+def test_quantize_workspace_is_what_quantize_nf4_allocates(tmp_path, n):
+    """quantize_workspace_bytes against the real thing: the RSS high-water mark of a fresh process while
     quantize_nf4 runs on a bf16 weight, above the weight itself (glibc's mmap threshold pinned low so
-    that freed tensors leave RSS at once)."""
+    that freed tensors leave RSS at once); one chunk and eight chunks."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc")
     script = tmp_path / "peak.py"
-    script.write_text(PEAK_SCRIPT)
+    script.write_text(PEAK_SCRIPT.replace("n = 2048 * 2048", f"n = {n}"))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, check=True)
-    per_weight = float(out.stdout.split()[-1])
-    assert QUANTIZE_WORKSPACE_BYTES - 0.5 <= per_weight <= QUANTIZE_WORKSPACE_BYTES + 0.5
+    measured = float(out.stdout.split()[-1]) * n
+    assert 0.85 <= measured / quantize_workspace_bytes(n) <= 1.15
 
 
 PEAK_SCRIPT = """

@@ -9,6 +9,7 @@ module per step, each importing only the ones above it in this list:
     workload    Workload: a RunConfig resolved as lorakit.train runs it (dtypes, tokens, targets)
     memory      the memory terms and the peak over the phases of a run
     timing      calibrated rates and the time model
+    eval_timing the evals during training: loss, generation and canary (eval.every_eval)
     data_stats  the training data's size and lengths
     recommend   the decision tables and the search for a setting that fits
     check       check_fits: the pre-train memory check

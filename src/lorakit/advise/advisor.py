@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from lorakit.advise.data_stats import CHARS_PER_TOKEN, DataStats, data_stats, run_data_stats
+from lorakit.advise.eval_timing import eval_time
 from lorakit.advise.families import HUB_IDS
 from lorakit.advise.memory import memory_model
 from lorakit.advise.recommend import recommend
@@ -63,12 +64,25 @@ def advise(
     # NOTE: step time at the widest batch too: an upper bound when rows are padded to different widths
     tm = time_model(w, shape, rates)
     steps_per_epoch, total = _steps(config, n_examples, stats)
+    evals = eval_time(config, w, shape, rates, _eval_rows(config, n_examples),
+                      round(stats.mean_tokens) if stats and stats.mean_tokens else None, total, steps_per_epoch)
     notes += notes_for(w, shape, mem, available, dev)
     notes += init_note(w, shape, rates)
     if rates.get("other_load", 0) > 0.1:
         notes.append(f"the time calibration ran while other processes used {rates['other_load']:.0%} of the CPUs: "
                      "step times are overestimated; rerun lorakit.advise.calibrate(force=True) on a quiet machine")
-    return Advice(shape, config, dev, available, mem, tm, recs, notes, n_examples, steps_per_epoch, total, price_per_hour)
+    return Advice(shape, config, dev, available, mem, tm, recs, notes, n_examples, steps_per_epoch, total, price_per_hour,
+                  evals)
+
+
+def _eval_rows(config: RunConfig, train_examples: int | None) -> int | None:
+    """Eval examples: counted in data.eval's file when it is here, else the split-off share (train examples are
+    what is left after the split)."""
+    if config.data.eval is not None:
+        path = Path(config.data.eval)
+        return data_stats(path, config.data.format, config.task).examples if path.exists() else None
+    f = config.data.eval_fraction
+    return None if train_examples is None else math.ceil(train_examples * f / (1 - f))
 
 
 def _start_config(config: RunConfig | str | Path | None, model: str | None, seq_len: int | None,

@@ -46,6 +46,7 @@ from lorakit.advise.units import MiB, fmt_bytes
 from lorakit.advise.workload import Workload
 from lorakit.dora import NORM_CHUNK_BYTES
 from lorakit.loss import ROW_CHUNK_BYTES
+from lorakit.quant.nf4 import QUANT_CHUNK
 
 # --------------------------------------------------------------------------- constants (measured or assumed)
 
@@ -73,9 +74,19 @@ GLIBC_MMAP_MAX = 32 * MiB
 """glibc's largest dynamic mmap threshold (64-bit): blocks above it are always mmapped, returned on free."""
 
 QUANTIZE_WORKSPACE_BYTES = 12
-"""Bytes per weight that lorakit.quant.quantize_nf4 allocates beyond its input at its peak: the fp32 copy
-(4), the scaled values and their clamp (4 + 4), then the int32 bucket indices (4) while the clamp and the
-copy are alive. Measured: the RSS high-water mark of quantizing a 4096×4096 bf16 weight rose 12.05 B/weight."""
+"""Bytes per weight of one chunk that lorakit.quant.quantize_nf4 allocates beyond its input at its peak: the
+fp32 copy (4), the scaled values and their clamp (4 + 4), then the int32 bucket indices (4) while the clamp
+and the copy are alive. quantize_nf4 works QUANT_CHUNK weights at a time, so this is paid on at most one
+chunk; the per-chunk codes and scales gathered before the final concatenation cost about
+QUANTIZE_GATHER_BYTES per weight beyond the first chunk. Measured (RSS high-water mark, bf16 input):
+2²¹ weights 11.9 B/weight; 4096×4096 41.9 MiB (the model: 43.5 MiB)."""
+
+QUANTIZE_GATHER_BYTES = 1.25
+
+
+def quantize_workspace_bytes(n: int) -> int:
+    """quantize_nf4's working set for an n-weight tensor (see QUANTIZE_WORKSPACE_BYTES)."""
+    return int(QUANTIZE_WORKSPACE_BYTES * min(n, QUANT_CHUNK) + QUANTIZE_GATHER_BYTES * max(0, n - QUANT_CHUNK))
 
 CUDA_CONTEXT_BYTES = 500 * MiB
 """CUDA context + cuBLAS/cuDNN workspaces: device memory outside torch.cuda.max_memory_allocated."""
@@ -144,12 +155,12 @@ def qlora_load_parts(w: Workload, shape: ModelShape) -> dict[str, int]:
         nf4          every quantized linear in NF4 (the final form)
         unquantized  embeddings, norms, head, biases in their storage dtype (read once, kept)
         tensor       the largest quantized weight, n·s bytes in its storage dtype s
-        workspace    quantize_nf4's working set for it, QUANTIZE_WORKSPACE_BYTES·n (its fp32 copy included)
+        workspace    quantize_nf4's working set for it, quantize_workspace_bytes(n) (its fp32 copy included)
     """
     nf4, kept = qlora_weight_bytes(w, shape)
     largest = max((lin.numel for lin in quantized_linears(w, shape)), default=0)
     return {"nf4": nf4, "unquantized": kept, "tensor": largest * w.storage_bytes,
-            "workspace": largest * QUANTIZE_WORKSPACE_BYTES}
+            "workspace": quantize_workspace_bytes(largest)}
 
 
 def qlora_load_summary(w: Workload, shape: ModelShape) -> str:

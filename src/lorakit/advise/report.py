@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from lorakit.advise.eval_timing import EvalTime
 from lorakit.advise.memory import MemoryBreakdown, qlora_load_summary
 from lorakit.advise.recommend import Recommendation
 from lorakit.advise.shapes import ModelShape
@@ -32,6 +33,7 @@ class Advice:
     steps_per_epoch: int | None
     total_steps: int | None
     price_per_hour: float | None
+    evals: EvalTime | None = None  # the evals during training (loss; generation and canary with eval.every_eval)
 
     @property
     def peak_memory_bytes(self) -> int:
@@ -51,7 +53,11 @@ class Advice:
 
     @property
     def total_time_s(self) -> float | None:
-        return None if self.total_steps is None else self.total_steps * self.step_time_s
+        """Training steps plus the evals between them."""
+        if self.total_steps is None:
+            return None
+        evals = self.evals.total_s if self.evals is not None else None
+        return self.total_steps * self.step_time_s + (evals or 0.0)
 
     @property
     def cost(self) -> float | None:
@@ -86,6 +92,9 @@ class Advice:
             "steps_per_epoch": self.steps_per_epoch,
             "epoch_time_s": self.epoch_time_s,
             "total_steps": self.total_steps,
+            "eval_time_s": self.evals.seconds if self.evals else None,
+            "eval_time_parts_s": self.evals.parts if self.evals else None,
+            "evals": self.evals.evals if self.evals else None,
             "total_time_s": self.total_time_s,
             "cost": self.cost,
             "recommendations": [dataclasses.asdict(r) for r in self.recommendations],
@@ -132,9 +141,14 @@ def render_text(a: Advice) -> str:
               "  " + ", ".join(f"{k} {fmt_seconds(v)}" for k, v in t.parts.items() if v)]
     if a.epoch_time_s is not None:
         lines.append(f"  epoch: {a.steps_per_epoch} steps, {fmt_seconds(a.epoch_time_s)}")
+    if a.evals is not None and a.evals.seconds:
+        count = f"{a.evals.evals} evals × " if a.evals.evals is not None else "per eval: "
+        lines.append(f"  evals: {count}{fmt_seconds(a.evals.seconds)} ("
+                     + ", ".join(f"{k} {fmt_seconds(v)}" for k, v in a.evals.parts.items() if v) + ")")
     if a.total_time_s is not None:
         cost = f", cost {a.cost:.2f} at {a.price_per_hour}/h" if a.cost is not None else ""
-        lines.append(f"  total: {a.total_steps} steps, {fmt_seconds(a.total_time_s)}{cost}")
+        with_evals = " and the evals" if a.evals is not None and a.evals.seconds else ""
+        lines.append(f"  total: {a.total_steps} steps{with_evals}, {fmt_seconds(a.total_time_s)}{cost}")
     if a.notes:
         lines += ["", "Notes:"] + [f"  - {n}" for n in a.notes]
     lines += ["", "Config (lorakit train config.yaml):", a.yaml()]

@@ -1,6 +1,13 @@
 """The forgetting canary: base vs tuned loss on general text the task never trained on.
 
     increase = ppl_tuned / ppl_base - 1 = exp(L_tuned - L_base) - 1,  `degraded` when above the threshold
+
+Rows are open ({"prompt", "completion"}: the loss of the completion) or multiple choice ({"prompt",
+"options": [...], "answer": index or option text}, an MMLU-style slice the user brings). A multiple-choice
+row counts in the loss with its correct option as the completion, and is also answered by likelihood, as
+lm-eval-harness's `acc` does: the option whose tokens have the highest summed log-probability given the prompt,
+
+    choice = argmax_o Σ_t log p(o_t | prompt, o_<t)          canary_accuracy = share of rows chosen right
 """
 
 from __future__ import annotations
@@ -11,10 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from lorakit.data import read_rows_only
+from lorakit.errors import DataError
 from lorakit.eval.prompts import EvalSettings
-from lorakit.generate import encode_prompts
+from lorakit.generate import encode_prompts, model_device
 
 GENERAL_CANARY: tuple[tuple[str, str], ...] = (
     ("The capital of France is", " Paris."),
@@ -85,11 +94,63 @@ def completion_batches(
         }
 
 
-def canary_rows(settings: EvalSettings) -> list[dict[str, str]] | None:
-    """The forgetting canary: `eval.canary` a file of {"prompt", "completion"} rows, `builtin` the general
-    sentences above, null none."""
+def canary_rows(settings: EvalSettings) -> list[dict[str, Any]] | None:
+    """The forgetting canary: `eval.canary` a file of open {"prompt", "completion"} or multiple-choice
+    {"prompt", "options", "answer"} rows, `builtin` the general sentences above, null none. Every row gets a
+    "completion" (a multiple-choice row: its correct option), so the loss reads them all alike."""
     if settings.canary is None:
         return None
     if settings.canary != "builtin":
-        return read_rows_only(settings.canary)
+        return [_checked_row(row, i, settings.canary) for i, row in enumerate(read_rows_only(settings.canary))]
     return [{"prompt": p, "completion": c} for p, c in GENERAL_CANARY]
+
+
+def _checked_row(row: dict[str, Any], i: int, source: str) -> dict[str, Any]:
+    if not isinstance(row.get("prompt"), str):
+        raise DataError(f"eval.canary {source} row {i}: needs a \"prompt\" string; fields: {sorted(row)}")
+    if "options" not in row:
+        if not isinstance(row.get("completion"), str):
+            raise DataError(f"eval.canary {source} row {i}: an open row needs a \"completion\", a multiple-choice "
+                            f"row \"options\" and \"answer\"; fields: {sorted(row)}")
+        return row
+    options, answer = row["options"], row.get("answer")
+    if not (isinstance(options, list) and len(options) >= 2 and all(isinstance(o, str) and o for o in options)):
+        raise DataError(f"eval.canary {source} row {i}: \"options\" must be a list of >= 2 strings, got {options!r}")
+    index = options.index(answer) if isinstance(answer, str) and answer in options else answer
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(options):
+        raise DataError(f"eval.canary {source} row {i}: \"answer\" must be an option's index (0..{len(options) - 1}) "
+                        f"or its text, got {answer!r}")
+    return {**row, "answer": index, "completion": options[index]}
+
+
+@torch.no_grad()
+def completion_logprobs(model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, str]], batch_size: int = 8) -> list[float]:
+    """Σ_t log p(completion_t | prompt, completion_<t) for each {"prompt", "completion"} row (float64 sums)."""
+    was_training = model.training
+    model.eval()
+    out: list[float] = []
+    try:
+        for batch in completion_batches(tokenizer, rows, batch_size):
+            device = model_device(model)
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+            labels = batch["labels"][:, 1:].to(device)  # (B, T-1): token t+1 is predicted at position t
+            logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)  # (B, T-1, V)
+            picked = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]  # (B, T-1)
+            out += (picked * (labels != -100)).sum(-1).tolist()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def option_accuracy(model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int = 8) -> float | None:
+    """Share of multiple-choice rows whose most likely option is the answer; None when there are none."""
+    questions = [r for r in rows if "options" in r]
+    if not questions:
+        return None
+    pairs = [{"prompt": q["prompt"], "completion": o} for q in questions for o in q["options"]]
+    scores = iter(completion_logprobs(model, tokenizer, pairs, batch_size))
+    right = 0
+    for q in questions:
+        per_option = [next(scores) for _ in q["options"]]
+        right += per_option.index(max(per_option)) == q["answer"]
+    return right / len(questions)

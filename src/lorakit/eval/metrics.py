@@ -19,7 +19,7 @@ from lorakit.errors import ConfigError
 LOWER_IS_BETTER = ("eval_loss", "perplexity", "canary_loss", "canary_perplexity")
 
 
-RATE_METRICS = ("exact_match", "token_f1", "rouge_l", "json_valid", "schema_valid", "accuracy", "macro_f1")
+RATE_METRICS = ("exact_match", "token_f1", "rouge_l", "json_valid", "schema_valid", "accuracy", "macro_f1", "judge_score")
 
 
 ALL_METRICS = LOWER_IS_BETTER + RATE_METRICS

@@ -18,7 +18,8 @@ from torch import nn
 from lorakit.adapters import read_chat_template
 from lorakit.data import check_num_labels, collate, prepare_data, read_rows_only, training_rows
 from lorakit.errors import ConfigError, DataError
-from lorakit.eval.canary import canary_check, canary_rows, completion_batches
+from lorakit.eval.canary import canary_check, canary_rows, completion_batches, option_accuracy
+from lorakit.eval.judge import Judge
 from lorakit.eval.metrics import accuracy, macro_f1, score_generations
 from lorakit.eval.prompts import (
     EvalSettings,
@@ -89,8 +90,10 @@ def _loss_scores(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], t
 def score_model(
     model: nn.Module, tokenizer: Any, settings: EvalSettings, loss_batches: Callable[[], Iterable[dict]] | None,
     prompts: PromptSet | None, canary: Sequence[dict[str, str]] | None, task: str = "causal_lm",
+    judge: Judge | None = None,
 ) -> tuple[dict[str, float], list[str]]:
-    """Every metric for the model as it is now (adapters on or off); returns (scores, generations)."""
+    """Every metric for the model as it is now (adapters on or off); returns (scores, generations). With a
+    `judge`, judge_score and judge_failures too (eval/judge.py)."""
     scores: dict[str, float] = {}
     outputs: list[str] = []
     if loss_batches is not None:
@@ -98,9 +101,15 @@ def score_model(
     if prompts is not None and prompts.prompt_ids:
         outputs = generate(model, tokenizer, prompts.prompt_ids, settings.generation, settings.batch_size)
         scores |= score_generations(outputs, prompts.references, load_schema(settings.schema), prompts.labels, settings.label_key)
+        if judge is not None:
+            texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts.prompt_ids]
+            scores |= judge(texts, outputs, prompts.references)
     if canary:
         result = eval_loss(model, completion_batches(tokenizer, canary, settings.batch_size))
         scores |= {"canary_loss": result["loss"], "canary_perplexity": result["perplexity"]}
+        mc = option_accuracy(model, tokenizer, canary, settings.batch_size)
+        if mc is not None:
+            scores["canary_accuracy"] = mc
     return scores, outputs
 
 
@@ -108,6 +117,7 @@ def run_eval(
     model: nn.Module, tokenizer: Any, settings: EvalSettings | None = None, *,
     loss_batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None,
     prompts: PromptSet | None = None, canary: Sequence[dict[str, str]] | None = None, task: str = "causal_lm",
+    judge: Judge | None = None,
 ) -> EvalReport:
     """Score the model with its adapter (tuned) and inside `adapters_disabled` (base), same examples.
 
@@ -120,9 +130,9 @@ def run_eval(
                             prompts.labels[: settings.max_prompts] if prompts.labels else None)
     tuned = tuned_out = None
     if any(True for _ in lora_layers(model)):
-        tuned, tuned_out = score_model(model, tokenizer, settings, loss_batches, prompts, canary, task)
+        tuned, tuned_out = score_model(model, tokenizer, settings, loss_batches, prompts, canary, task, judge)
     with adapters_disabled(model):
-        base, base_out = score_model(model, tokenizer, settings, loss_batches, prompts, canary, task)
+        base, base_out = score_model(model, tokenizer, settings, loss_batches, prompts, canary, task, judge)
     result = None
     if tuned is not None and "canary_loss" in base:
         result = canary_check(base["canary_loss"], tuned["canary_loss"], settings.canary_max_increase)
@@ -171,6 +181,7 @@ def evaluate_run(
 
     Pass `model`/`tokenizer` (the trained model, adapter attached) to skip loading; otherwise the base
     is loaded as in training and `adapter_dir` attached. Chat prompts use the adapter's saved template.
+    With eval.judge, the judge's requests and replies are saved beside the report (out_dir/judge.jsonl).
     """
     settings = settings or config.eval
     problems = settings.problems()
@@ -188,7 +199,9 @@ def evaluate_run(
         n_prompts = min(len(prompts.prompt_ids), settings.max_prompts) if prompts else 0
         print(f"eval: {len(data.eval)} eval examples, {n_prompts} prompts, canary {len(canary or [])}", file=sys.stderr)
     loss_batches = _loss_batch_factory(config, data.eval, tokenizer) if data.eval else None
-    report = run_eval(model, tokenizer, settings, loss_batches=loss_batches, prompts=prompts, canary=canary, task=config.task)
+    judge = Judge(settings.judge, out_dir) if settings.judge.base_url and config.task == "causal_lm" else None
+    report = run_eval(model, tokenizer, settings, loss_batches=loss_batches, prompts=prompts, canary=canary,
+                      task=config.task, judge=judge)
     report.save(out_dir)
     return report
 

@@ -3,7 +3,8 @@
     checkpoints/step-000100/
       trainable.safetensors   every parameter with requires_grad (LoRA factors, heads, or all for full)
       optimizer.pt            optimizer + scheduler state (tensors and numbers only: loads with weights_only=True)
-      state.json              step, micro-batches consumed, epoch, best eval, early-stopping counter,
+      state.json              step, micro-batches consumed, epoch, best eval, early-stopping counter, the
+                              checkpoint-selection history (every eval's metric and canary change),
                               RNG states (a list: one per rank), the resolved config and the data hash
 
 Exact resume needs the same trainable weights, optimizer moments, schedule position, RNG states
@@ -60,6 +61,7 @@ class RunState:
     evals_without_improvement: int = 0
     elapsed_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    selection: dict[str, Any] = field(default_factory=dict)  # train.select.Selection.state(): the eval history
 
 
 def rng_state() -> dict[str, Any]:

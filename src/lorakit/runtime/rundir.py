@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lorakit.lock"
 # What a training run writes into its directory; anything else there belongs to the user.
-RUN_OUTPUTS = ("adapter", "model", "checkpoints", "best", "eval", "merged", "metrics.jsonl", "summary.json",
-               "loss.png", "config.yaml")
+RUN_OUTPUTS = ("adapter", "model", "adapter-last", "model-last", "checkpoints", "best", "eval", "merged",
+               "metrics.jsonl", "summary.json", "loss.png", "config.yaml", "judge.jsonl")  # judge_cache.jsonl is reused
 Mode = Literal["new", "resume", "overwrite"]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hmac
 import json
 import logging
@@ -240,17 +241,33 @@ async def list_models(request: Any) -> Any:
 
 
 async def _generate(request: Any, kind: Literal["completion", "chat"]) -> Any:
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
 
     state = _state(request)
     _authorize(request, state)
     body = await _read_json(request, state.settings.max_body_bytes)
     plan = await asyncio.get_running_loop().run_in_executor(state.parser, parse_request, body, state, kind)
     run = Run(state, plan)
-    if plan.stream:
+    if plan.stream:  # a closed stream stops the generator, whose `finally` cancels the jobs
         return StreamingResponse(run.sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return JSONResponse(await run.response())
+    body = await _response_unless_gone(request, run)
+    return JSONResponse(body) if body is not None else Response(status_code=499)  # nginx's "client closed"
+
+
+async def _response_unless_gone(request: Any, run: Run, poll_s: float = 0.25) -> dict[str, Any] | None:
+    """The non-streaming response, or None when the client hung up first: its jobs are then cancelled, so
+    the engine stops generating for nobody (a plain handler would run to max_tokens)."""
+    task = asyncio.ensure_future(run.response())
+    while not task.done():
+        await asyncio.wait({task}, timeout=poll_s)
+        if not task.done() and await request.is_disconnected():
+            run.cancel()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return None
+    return task.result()
 
 
 async def completions(request: Any) -> Any:
@@ -366,14 +383,30 @@ def run_server(settings: ServeSettings) -> int:
     if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without --api-key: anyone who reaches this port can use the model and "
                     "load adapters from the adapter roots", settings.host)
+    sock = listening_socket(settings.host, settings.port)  # bound before the model loads and before we say so
     state = create_state(settings)
     try:
         print(f"serving {settings.base!r} with adapters {state.bank.names()} at "
               f"http://{settings.host}:{settings.port}/v1", flush=True)
-        _uvicorn_server(build_app(state), settings.host, settings.port, "info").run()
+        _uvicorn_server(build_app(state), settings.host, settings.port, "info").run(sockets=[sock])
     finally:
         state.close()
+        sock.close()
     return 0
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or a ConfigError naming the address and what to do."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError([f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); another "
+                           "process may hold the port: pick another --port, or stop that process"]) from None
+    return sock
 
 
 class BackgroundServer:

@@ -28,12 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.config import RunConfig, to_dict
 from lorakit.data import collate, training_rows
 from lorakit.errors import TrainingError
+from lorakit.eval.periodic import build_periodic_eval
 from lorakit.loss import loss_sum, supervised_tokens
 from lorakit.runtime.atomic import atomic_directory, atomic_file
 from lorakit.runtime.checkpoint import (
@@ -55,8 +57,11 @@ from lorakit.runtime.distributed import (
     my_share,
     rank,
     reshard,
+    sharded,
     world_size,
 )
+from lorakit.train.loggers import Reporters, open_reporters
+from lorakit.train.select import Selection
 from lorakit.train.setup import BatchPlan, build_optimizer, build_scheduler, total_steps
 
 log = logging.getLogger(__name__)
@@ -87,8 +92,14 @@ class Loop:
         self.optimizer = build_optimizer(model, config)
         self.scheduler = build_scheduler(self.optimizer, config, self.total)
         self.state = RunState()
+        self.selection = Selection.from_config(config)  # which eval's weights become adapter/ (train/select.py)
+        self.periodic = build_periodic_eval(config, data, tokenizer)  # eval.every_eval: None when off
+        if self.periodic is not None and sharded(model):
+            raise TrainingError("eval.every_eval cannot generate from an FSDP2-sharded model (every forward is a "
+                                "collective); use train.parallel: ddp, or run `lorakit eval` on the checkpoints")
         self.window = {"loss": 0.0, "tokens": 0, "steps": 0, "start": time.perf_counter(), "grad_norm": 0.0}
         self.stop_reason = "completed"
+        self.reporters = Reporters([])  # train.report_to trackers, opened by run() on rank 0
 
     # ----- one optimizer step
 
@@ -184,28 +195,69 @@ class Loop:
             raise TrainingError("the eval data holds no supervised tokens (every label is -100); check data.eval")
         return total / count
 
-    def record_eval(self, eval_loss: float) -> bool:
-        """Track the best eval; save its weights; return True when early stopping says stop."""
+    def evaluate_more(self) -> dict[str, float]:
+        """eval.every_eval: task metrics and the canary (lorakit.eval.periodic). Rank 0 measures the plain model
+        (under DDP every rank holds all the weights) while the others wait for its scores in the broadcast, so
+        every rank takes the same selection and early-stopping decisions."""
+        if self.periodic is None:
+            return {}
+        scores = self.periodic.measure(self.model, self.classifier_batches) if is_main() else None
+        self.model.train()
+        return broadcast(scores)
+
+    def classifier_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        size = self.config.train.micro_batch_size
+        for start in range(0, len(self.eval_rows), size):
+            yield self.collate(self.eval_rows[start:start + size])
+
+    def measure_base(self) -> None:
+        """The base's canary loss, once per run (kept in the checkpoint): what canary_change is relative to."""
+        if self.periodic is None:
+            return
+        if self.selection.base_canary_loss is not None:  # resumed
+            self.periodic.base_canary_loss = self.selection.base_canary_loss
+            return
+        if self.config.method == "full" and self.state.step > 0:  # NOTE: the base weights are gone by now
+            log.warning("full fine-tuning resumed without the base canary loss: canary_change is not measured")
+            self.periodic.canary = None
+            return
+        self.selection.base_canary_loss = broadcast(self.periodic.measure_base(self.model) if is_main() else None)
+
+    def record_eval(self, row: dict[str, Any]) -> bool:
+        """Track the lowest eval loss and the selection rule's choice (train/select.py), whose weights go to best/;
+        return True when early stopping says stop."""
         s = self.state
-        if s.best_eval_loss is None or eval_loss < s.best_eval_loss:
-            s.best_eval_loss, s.best_step, s.evals_without_improvement = eval_loss, s.step, 0
+        loss = row.get("eval_loss")
+        if loss is not None and (s.best_eval_loss is None or loss < s.best_eval_loss):
+            s.best_eval_loss, s.best_step = loss, s.step
+        if self.selection.record(row) and self.selection.active:
             tensors = trainable_state(self.model)
             if is_main():
                 with atomic_directory(self.run_dir / "best") as tmp:
-                    save_file(tensors, str(tmp / "trainable.safetensors"))
-            return False
-        s.evals_without_improvement += 1
-        patience = self.config.train.early_stopping_patience
-        return patience is not None and s.evals_without_improvement >= patience
+                    save_file(tensors, str(tmp / "trainable.safetensors"), metadata={"step": str(s.step)})
+        s.evals_without_improvement = self.selection.since_best
+        s.selection = self.selection.state()
+        return self.selection.should_stop()
 
     def restore_best(self) -> None:
+        """Load the chosen eval's weights from best/ (written when it was chosen; its step is checked)."""
         path = self.run_dir / "best" / "trainable.safetensors"
-        tensors = broadcast(load_file(str(path)) if is_main() and path.is_file() else None)
+        tensors = None
+        if is_main() and path.is_file():
+            with safe_open(str(path), "pt") as f:
+                step = (f.metadata() or {}).get("step")
+            if step is None or int(step) == self.selection.chosen_step:
+                tensors = load_file(str(path))
+            else:
+                log.warning("%s holds step %s, not the chosen step %s: keeping the last weights", path, step,
+                            self.selection.chosen_step)
+        tensors = broadcast(tensors)
         if tensors is not None:
             load_trainable_state(self.model, tensors, path)
 
     def checkpoint(self) -> Path:
         self.state.elapsed_s = self.elapsed()
+        self.state.selection = self.selection.state()
         return save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, self.state,
                                self.config.train.keep_checkpoints,
                                {"config": to_dict(self.config), "data_hash": self.data.stats.get("data_hash")})
@@ -217,6 +269,7 @@ class Loop:
                 log.warning("--resume: no checkpoint in %s; starting from scratch", self.run_dir / "checkpoints")
             return
         self.state = load_checkpoint(found, self.model, self.optimizer, self.scheduler)
+        self.selection.load(self.state.selection)
         if is_main():
             truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
             print(f"resumed from {found} (step {self.state.step}/{self.total})", file=sys.stderr)
@@ -232,7 +285,10 @@ class Loop:
         self.base_elapsed = self.state.elapsed_s
         stream = self.plan.stream(self.state.micro_batches)
         bar = make_progress(self.total, self.state.step, self.progress)
+        self.measure_base()
         metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") if is_main() else None
+        if is_main():
+            self.reporters = open_reporters(self.config, self.run_dir, self.state.step)
         try:
             while self.state.step < self.total:
                 epoch_before = self.state.micro_batches // self.plan.per_epoch
@@ -244,17 +300,21 @@ class Loop:
                 epoch_ended = self.state.micro_batches // self.plan.per_epoch > epoch_before
                 should_stop = False
                 if (tc.eval_every and self.state.step % tc.eval_every == 0) or epoch_ended or self.state.step == self.total:
+                    started = time.perf_counter()
                     eval_value = self.evaluate()
-                    if eval_value is not None:
+                    more = self.evaluate_more()
+                    if eval_value is not None or more:
                         row = row or {"step": self.state.step, "epoch": round(epoch, 4)}
-                        row["eval_loss"] = eval_value
-                        should_stop = self.record_eval(eval_value)
+                        row |= ({"eval_loss": eval_value} if eval_value is not None else {}) | more
+                        row["eval_time_s"] = round(time.perf_counter() - started, 3)
+                        should_stop = self.record_eval(row)
                 if row is not None:
                     self.record_row(row, metrics, bar)
                 if tc.save_every and self.state.step % tc.save_every == 0:
                     self.checkpoint()
                 if should_stop:
-                    self.stop_reason = f"early stopping: no eval improvement in {tc.early_stopping_patience} evals"
+                    self.stop_reason = (f"early stopping: no {self.selection.metric} improvement in "
+                                        f"{tc.early_stopping_patience} evals")
                     break
         except KeyboardInterrupt:
             self.stop_reason = "interrupted"
@@ -266,15 +326,15 @@ class Loop:
             bar.close()
             if metrics is not None:
                 metrics.close()
+            self.reporters.close(self.stop_reason)
             self.state.elapsed_s = self.elapsed()
-        if tc.early_stopping_patience is not None:
-            self.restore_best()
 
     def record_row(self, row: dict[str, Any], metrics: Any, bar: Any) -> None:
         """One metrics line: to metrics.jsonl (rank 0), the history (summary, plot) and the progress bar."""
         if metrics is not None:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
+            self.reporters.log(row)  # train.report_to: the same scalars to TensorBoard / MLflow / W&B
         self.state.history.append(row)
         bar.set_postfix(progress_fields(row))
 
@@ -291,6 +351,8 @@ def progress_fields(row: dict[str, Any]) -> dict[str, str]:
         fields.update(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
     if "eval_loss" in row:
         fields["eval"] = f"{row['eval_loss']:.4f}"
+    if "canary_change" in row:
+        fields["canary"] = f"{row['canary_change']:+.1%}"
     return fields
 
 

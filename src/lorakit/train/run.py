@@ -16,6 +16,7 @@ from lorakit.config import RunConfig, dump_yaml, load_run_config
 from lorakit.data import check_num_labels, prepare_data
 from lorakit.errors import ConfigError, TrainingError
 from lorakit.eval import evaluate_run
+from lorakit.eval.periodic import output_problems
 from lorakit.lora import parameter_report
 from lorakit.models import load_tokenizer
 from lorakit.runtime.devices import pick_device, pick_dtype
@@ -53,6 +54,9 @@ def train_lora(config: RunConfig | str | Path, overrides: list[str] | None = Non
         source = Path(config)
     if not isinstance(config, RunConfig):
         config = load_run_config(config, overrides)
+    problems = output_problems(config)  # metrics that need labels or a schema, before any weight loads
+    if problems:
+        raise ConfigError(problems)
     if resume and overwrite:
         raise ConfigError(["--resume continues the run in output_dir, --overwrite starts over: pass one of them"])
     resume = resume or restarted()
