@@ -47,6 +47,13 @@ MODELS = {
                num_key_value_heads=8, vocab_size=128256, shard_bytes=4 * GiB),
 }
 SECTION = "## Big models: streamed QLoRA (CPU)"
+STACKS = {  # step processes: LoRA r=16 on every linear layer, AdamW, gradient checkpointing, batch 1
+    "lorakit-qlora": "lorakit QLoRA as `lorakit train` runs it (fp32 model, NF4 matmuls in quant.compute_dtype auto)",
+    "lorakit-lora": "lorakit LoRA, fp32 base",
+    "peft-qlora": "transformers + PEFT + bitsandbytes QLoRA, compute fp32",
+    "lorakit-qlora-fp32": "lorakit QLoRA with quant.compute_dtype: float32",
+    "peft-qlora-bf16": "transformers + PEFT + bitsandbytes QLoRA, compute bf16",
+}
 LORA = dict(r=16, alpha=32)
 
 
@@ -146,24 +153,26 @@ def worker_load(spec: dict) -> dict:
     return {"load_s": time.perf_counter() - t0, "peak_rss": vm_hwm(), **extra}
 
 
-def _peft_qlora(model_dir: str):
+def _peft_qlora(model_dir: str, compute: torch.dtype = torch.float32):
     import transformers as tf
 
     config = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.float32)
+                                   bnb_4bit_compute_dtype=compute)
     return tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=config,
                                                    device_map="cpu")
 
 
 def _trainer(spec: dict):
-    """(model, loss_fn(ids) -> mean CE) for spec['stack'] in lorakit-qlora | lorakit-qlora-bf16 | lorakit-lora | peft-qlora."""
-    from lorakit.config import LoraConfig
+    """(model, loss_fn(ids) -> mean CE) for spec['stack'] in STACKS."""
+    from lorakit.config import LoraConfig, QuantConfig
 
     stack = spec["stack"]
     if stack.startswith("peft"):
         import peft
 
-        model = peft.prepare_model_for_kbit_training(_peft_qlora(spec["model_dir"]), use_gradient_checkpointing=True)
+        compute = torch.bfloat16 if stack.endswith("bf16") else torch.float32
+        base = _peft_qlora(spec["model_dir"], compute)
+        model = peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
         model = peft.get_peft_model(model, peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
                                                            target_modules="all-linear"))
 
@@ -173,15 +182,12 @@ def _trainer(spec: dict):
         from lorakit.lora import inject_lora
         from lorakit.loss import causal_lm_loss_sum
 
-        if stack == "lorakit-lora":
-            from lorakit.models import load_model
+        from lorakit.models import load_base
 
-            model = load_model(spec["model_dir"], dtype=torch.float32)
-        else:
-            from lorakit.quant import load_quantized_model
-
-            compute = torch.bfloat16 if stack.endswith("bf16") else torch.float32
-            model = load_quantized_model(spec["model_dir"], compute_dtype=compute)
+        # as `lorakit train` loads it: an fp32 model; NF4 matmuls in quant.compute_dtype (auto: bf16 where fast)
+        quant = {"lorakit-lora": None, "lorakit-qlora": QuantConfig(),
+                 "lorakit-qlora-fp32": QuantConfig(compute_dtype="float32")}[stack]
+        model, _ = load_base(spec["model_dir"], dtype=torch.float32, quant=quant)
         inject_lora(model, LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=0.0, target_modules="all-linear"))
 
         def loss_fn(ids):
@@ -226,7 +232,23 @@ def worker_step(spec: dict) -> dict:
                 model(input_ids=ids)
                 fwd.append(time.perf_counter() - start)
         out["forward_times"], out["forward_s"] = fwd, statistics.median(fwd[1:])
+        if not spec["stack"].startswith("peft"):
+            out["eval40_s"] = eval_40_rows(model, loss_fn, spec["vocab"], g)
     return out
+
+
+def eval_40_rows(model, loss_fn, vocab: int, g: torch.Generator) -> float:
+    """Seconds for the eval loss of 40 short rows (32 tokens) as lorakit's eval runs it: no grad, batches of
+    RunConfig.eval_batch_rows() rows (16 at max_seq_len 64 and micro-batch 1), so 3 forwards, not 40."""
+    from lorakit.config import DataConfig, RunConfig, TrainConfig
+
+    rows = RunConfig(data=DataConfig(max_seq_len=64), train=TrainConfig(micro_batch_size=1)).eval_batch_rows()
+    ids = torch.randint(3, vocab, (40, 32), generator=g)  # (40, T)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(ids), rows):
+            loss_fn(ids[i:i + rows])
+    return time.perf_counter() - start
 
 
 def worker_micro(spec: dict) -> dict:
@@ -321,7 +343,7 @@ def plan(args: argparse.Namespace) -> list[list[dict]]:
     if args.model == "8b":  # the load peak is the step process's VmHWM before its first step
         return [[{"kind": "step", "stack": "lorakit-qlora", "seqs": [256], "steps": {"256": args.steps_8b},
                   "warmup": 1}]]
-    stacks = ["lorakit-qlora", "lorakit-lora", "peft-qlora"] + (["lorakit-qlora-bf16"] if args.bf16 else [])
+    stacks = [s for s in STACKS if args.bf16 or not s.endswith(("fp32", "bf16"))]
     groups = [[{"kind": "step", "stack": s, "seqs": args.seqs, "steps": steps, "warmup": 1, "forward": True}
                for s in stacks]]
     if args.loads:
@@ -393,7 +415,8 @@ def main() -> None:
     r.add_argument("--steps-8b", type=int, default=2)
     r.add_argument("--loads", action=argparse.BooleanOptionalAction, default=True, help="the load-only processes")
     r.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True)
-    r.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="also QLoRA with bf16 compute")
+    r.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="also lorakit QLoRA with fp32 NF4 matmuls and PEFT + bnb with bf16 compute")
     r.add_argument("--json", type=Path, required=True)
     rd = sub.add_parser("render")
     rd.add_argument("runs", type=Path, nargs="+")

@@ -325,3 +325,36 @@ def test_evaluate_run_end_to_end(tmp_path):
     assert report.tuned["exact_match"] == pytest.approx(demo_report(run).tuned["exact_match"], abs=0.1)
     assert report.tuned["eval_loss"] < report.base["eval_loss"] / 5 and report.canary is not None
     assert {p.name for p in (tmp_path / "eval").iterdir()} == {"eval.json", "eval.md", "eval.png"}
+
+
+def test_eval_batch_rows_by_hand():
+    from lorakit.config import DataConfig, EvalConfig, RunConfig, TrainConfig
+
+    def rows(micro: int, eval_batch: int, seq: int) -> int:
+        return RunConfig(train=TrainConfig(micro_batch_size=micro), eval=EvalConfig(batch_size=eval_batch),
+                         data=DataConfig(max_seq_len=seq)).eval_batch_rows()
+
+    assert rows(1, 16, 64) == 16  # batch-1 training still evaluates 16 rows per forward
+    assert rows(1, 16, 1024) == 4  # at most 4096 tokens per no-grad forward
+    assert rows(1, 16, 8192) == 1 and rows(8, 16, 8192) == 8  # never fewer rows than a training micro-batch
+
+
+def test_eval_loss_runs_in_eval_batches_and_equals_the_row_by_row_loss():
+    """`lorakit eval`'s loss pass: ⌈rows / eval_batch_rows⌉ forwards at micro-batch 1, and the same token-weighted
+    loss as one forward per row (padding changes nothing)."""
+    from lorakit.config import DataConfig, EvalConfig, RunConfig, TrainConfig
+    from lorakit.data import prepare_data
+    from lorakit.eval.run import _loss_batch_factory
+    from test_demo import demo_setup
+
+    setup = demo_setup()
+    model, tokenizer = load_demo(quantize=False)
+    data_config = DataConfig(train=str(setup.paths["train"]), eval=str(setup.paths["eval"]), max_seq_len=256,
+                             packing=False)
+    examples = prepare_data(data_config, tokenizer, "causal_lm", 1).eval[:40]
+    per_batch = RunConfig(data=data_config, train=TrainConfig(micro_batch_size=1), eval=EvalConfig(batch_size=16))
+    per_row = RunConfig(data=data_config, train=TrainConfig(micro_batch_size=1), eval=EvalConfig(batch_size=1))
+    batched = list(_loss_batch_factory(per_batch, examples, tokenizer)())
+    assert len(examples) == 40 and [len(b["input_ids"]) for b in batched] == [16, 16, 8]
+    want = eval_loss(model, _loss_batch_factory(per_row, examples, tokenizer)())["loss"]
+    assert eval_loss(model, batched)["loss"] == pytest.approx(want, rel=1e-5)

@@ -114,7 +114,7 @@ def test_qlora_pipeline_quantizes_the_pissa_residual():
                        quant=QuantConfig(double_quant=False))
     config.train.gradient_checkpointing = False
     original = build_tiny("llama")
-    model = adapt_for_method(build_tiny("llama"), config, torch.float32, progress=False)
+    model = adapt_for_method(build_tiny("llama"), config, progress=False)
     layer = model.model.layers[0].self_attn.q_proj
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     W = original.model.layers[0].self_attn.q_proj.weight
@@ -205,7 +205,7 @@ def test_qlora_pipeline_with_an_init_keeps_the_classifier_head_trained_in_full()
 
     config = RunConfig(task="seq_cls", method="qlora", lora=LoraConfig(r=4, alpha=8, init="olora", target_modules="all-linear"))
     config.train.gradient_checkpointing = False
-    model = adapt_for_method(build_tiny("llama_cls"), config, torch.float32, progress=False)
+    model = adapt_for_method(build_tiny("llama_cls"), config, progress=False)
     assert isinstance(model.score, SavedModule)
     assert not any(isinstance(m, NF4Linear) for m in model.score.modules())
     assert isinstance(model.model.layers[0].mlp.up_proj.base_layer, NF4Linear)

@@ -149,7 +149,8 @@ class QuantConfig:
         "Quantize the absmax scales to 8 bits in blocks of 256 (saves ~0.37 bit/param).", default=True
     )
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
-        "dtype the weight is dequantized to for the matmul; auto = bf16 on CUDA, fp32 on CPU.",
+        "dtype the 4-bit weight is decoded to for its matmuls; auto = bf16 on CUDA and on CPUs with AVX512-BF16/AMX, "
+        "else train.dtype.",
         default="auto",
     )
     skip_modules: list[str] = _help(
@@ -627,6 +628,9 @@ def _report_to_problems(names: Any, key: str) -> list[str]:
     return out
 
 
+EVAL_BATCH_TOKENS = 4096  # tokens per eval-loss forward at most (RunConfig.eval_batch_rows)
+
+
 @dataclass
 class RunConfig:
     """One fine-tuning run: what to tune, how, on what data, and where the results go."""
@@ -644,6 +648,14 @@ class RunConfig:
     train: TrainConfig = _help("Training-loop settings.", default_factory=TrainConfig)
     eval: EvalConfig = _help("Evaluation settings (lorakit eval, and at the end of training).", default_factory=EvalConfig)
     output_dir: str = _help("Run directory: adapter/, checkpoints/, metrics.jsonl, loss.png, summary.json.", default="runs/run")
+
+    def eval_batch_rows(self) -> int:
+        """Rows per eval-loss forward (training's periodic eval, `lorakit eval`): eval.batch_size, but at most
+        EVAL_BATCH_TOKENS tokens of max_seq_len rows and never fewer than train.micro_batch_size. A no-grad
+        forward holds one layer's activations at a time: at 4096 tokens an 8B MLP's (4096, 14336) fp32
+        intermediate is 0.22 GiB, so the eval stays below the training step's peak."""
+        by_tokens = EVAL_BATCH_TOKENS // self.data.max_seq_len
+        return max(self.train.micro_batch_size, min(self.eval.batch_size, by_tokens))
 
     def problems(self) -> list[str]:
         out = _choice_problems(self, "", ("task", "method"))

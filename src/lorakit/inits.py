@@ -37,6 +37,7 @@ from torch import nn
 from lorakit.config import LoraConfig, QuantConfig, init_kind
 from lorakit.quant.linear import NF4Linear
 from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4
+from lorakit.runtime.devices import pick_matmul_dtype
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +120,12 @@ def weight_init(base: nn.Module, config: LoraConfig, quant: QuantConfig | None) 
         return pissa(W, r, s, config.init)
     if kind == "olora":
         return olora(W, r, s)
-    init, state = loftq(W, r, s, config.loftq_iter, quant or QuantConfig())
+    quant = quant or QuantConfig()
+    init, state = loftq(W, r, s, config.loftq_iter, quant)
     bias = getattr(base, "bias", None)
     conv1d = not isinstance(base, nn.Linear)
-    init.nf4 = NF4Linear(state, bias, base.weight.dtype, conv1d=conv1d)
+    matmul = pick_matmul_dtype(quant.compute_dtype, base.weight.device, base.weight.dtype)
+    init.nf4 = NF4Linear(state, bias, matmul, conv1d=conv1d)
     return init
 
 

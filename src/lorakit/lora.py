@@ -153,10 +153,8 @@ def _frozen_base(layer: nn.Module, dtype: torch.dtype) -> tuple[Any, torch.Tenso
     bias = layer.bias
     if bias is not None and (bias.requires_grad or bias.dtype != dtype):
         return None
-    if type(layer) is NF4Linear:
-        if layer.compute_dtype != dtype:
-            return None
-        return FrozenNF4(layer.state(), dtype), bias  # decoded again in backward, tile by tile for few rows
+    if type(layer) is NF4Linear:  # decoded again in backward, tile by tile for few rows; in its own matmul dtype
+        return FrozenNF4(layer.state(), layer.compute_dtype), bias
     if type(layer) not in (nn.Linear, Conv1D) or layer.weight.requires_grad or layer.weight.dtype != dtype:
         return None
     weight = layer.weight if type(layer) is nn.Linear else layer.weight.t()  # Conv1D stores (in, out)

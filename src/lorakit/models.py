@@ -21,6 +21,7 @@ from lorakit.adapters import adapter_num_labels, load_lora_adapter
 from lorakit.config import QuantConfig
 from lorakit.errors import ModelLoadError
 from lorakit.quant.stream import load_quantized_model
+from lorakit.runtime.devices import pick_matmul_dtype
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +119,18 @@ def load_base(
     progress: bool = False,
 ) -> tuple[nn.Module, Any]:
     """(model, tokenizer): the base in `dtype` on `device`, eval mode; its linears in NF4 when `quant` is
-    given (QLoRA, `serve --quant nf4`); a saved PEFT-format `adapter` directory attached when given."""
+    given (QLoRA, `serve --quant nf4`; their matmuls in `quant.compute_dtype`, see `pick_matmul_dtype`);
+    a saved PEFT-format `adapter` directory attached when given."""
     tokenizer = load_tokenizer(base_model, revision)
     if task == "seq_cls" and num_labels is None and adapter is not None:  # the head the adapter was trained with
         num_labels = adapter_num_labels(adapter)
     if quant is None:
         model = load_model(base_model, task, dtype, device, revision, num_labels)
     else:  # quantized while loading: the full-precision model never exists (peak ≈ 4-bit model + one tensor)
-        model = load_quantized_model(base_model, task, quant, dtype, device, num_labels, revision, progress=progress)
+        matmul = pick_matmul_dtype(quant.compute_dtype, device, dtype)
+        model = load_quantized_model(base_model, task, quant, dtype, device, num_labels, revision, progress=progress,
+                                     matmul_dtype=matmul)
         _default_pad_token(model, task)
     if adapter is not None:
         load_lora_adapter(model, adapter)
-    return model, tokenizer
+    return model.eval(), tokenizer  # eval again: the adapter's layers (dropout) came in train mode

@@ -51,7 +51,7 @@ def real_model(config: RunConfig, tied: bool = False) -> nn.Module:
     """The model lorakit.train.prepare_model would build (random weights, fp32, CPU)."""
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(tf.LlamaConfig(**TINY, tie_word_embeddings=tied)).float()
-    return adapt_for_method(model, config, torch.float32, progress=False).train()
+    return adapt_for_method(model, config, progress=False).train()
 
 
 def predicted(config: RunConfig, masked: bool):

@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 from lorakit.config import LoraConfig, QuantConfig
 from lorakit.lora import LoraLinear, inject_lora
 from lorakit.quant import NF4Linear, dequantize_nf4, quantize_model, quantize_nf4
-from lorakit.runtime.devices import pick_dtype
+from lorakit.runtime.devices import pick_dtype, pick_matmul_dtype
 
 LLAMA_KINDS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -147,12 +147,12 @@ def test_quantize_model_llama_replaces_the_seven_projections():
     model = _tiny_llama()
     ids = _ids()
     before = _logits(model, ids)
-    names = quantize_model(model, QuantConfig(), progress=False)
+    names = quantize_model(model, QuantConfig(compute_dtype="float32"), progress=False)  # fp32, as bnb's below
     assert len(names) == 2 * 7 and {n.rsplit(".", 1)[-1] for n in names} == LLAMA_KINDS
     assert all(isinstance(model.get_submodule(n), NF4Linear) for n in names)
     assert type(model.lm_head) is nn.Linear and isinstance(model.model.embed_tokens, nn.Embedding)
     assert not any(isinstance(m, nn.Linear) for n, m in model.named_modules() if n != "lm_head")
-    assert model.model.layers[0].self_attn.q_proj.compute_dtype == pick_dtype("auto", "cpu")
+    assert model.model.layers[0].self_attn.q_proj.compute_dtype == torch.float32
     after = _logits(model, ids)
     assert (after - before).norm() / before.norm() < 0.2  # NF4 costs ~9% RMS per weight here
 
@@ -246,20 +246,60 @@ def test_whole_model_bytes_per_quantized_parameter():
     assert not any(p.numel() == m.in_features * m.out_features for m in layers for p in m.parameters())
 
 
-def test_compute_dtype_auto_is_bf16_on_cuda_and_fp32_on_cpu_without_native_bf16(monkeypatch):
+def test_dtype_auto_model_fp32_on_cpu_and_nf4_matmuls_bf16_where_bf16_is_fast(monkeypatch):
     import lorakit.runtime.devices as devices
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert pick_dtype("auto", "cuda") == torch.bfloat16
+    assert pick_dtype("auto", "cuda") == pick_matmul_dtype("auto", "cuda", torch.float32) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert pick_dtype("auto", "cuda") == torch.float16  # pre-Ampere GPUs
-    assert pick_dtype("float32", "cuda") == torch.float32
+    assert pick_matmul_dtype("auto", "cuda", torch.float16) == torch.float16
+    assert pick_dtype("float32", "cuda") == pick_matmul_dtype("float32", "cuda", torch.bfloat16) == torch.float32
     for fast, want in ((False, torch.float32), (True, torch.bfloat16)):
         monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda fast=fast: fast)
-        assert pick_dtype("auto", "cpu") == want
+        assert pick_dtype("auto", "cpu") == torch.float32  # the model (LoRA factors, norms) stays fp32 on a CPU
+        assert pick_matmul_dtype("auto", "cpu", torch.float32) == want
         model = _tiny_llama()
         quantize_model(model, QuantConfig(compute_dtype="auto"), progress=False)  # resolved on each layer's device
         assert {m.compute_dtype for m in model.modules() if isinstance(m, NF4Linear)} == {want}
+
+
+def test_cpu_flags_read_avx512_bf16_from_cpuinfo(tmp_path):
+    from lorakit.runtime.devices import cpu_flags
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t: fpu\n")
+    assert cpu_flags(str(info)) == {"fpu", "sse", "avx2", "avx512f", "avx512_bf16"}
+    assert cpu_flags(str(tmp_path / "missing")) is None
+
+
+def test_fused_lora_over_a_bf16_matmul_base_in_an_fp32_model():
+    """LoRA's fused path over an NF4 base whose matmuls run in bf16 while the model (x, A, B, bias) is fp32:
+    y = bf16(x) Ŵᵀ + b + s·(x Aᵀ) Bᵀ and its gradients, against float64 maths on the bf16-rounded inputs
+    (tolerance: the bf16 rounding of the base matmul's output, 2⁻⁸ relative)."""
+    from lorakit.config import LoraConfig
+    from lorakit.lora import LoraLinear
+
+    torch.manual_seed(0)
+    base = NF4Linear.from_linear(_linear(128, 64), compute_dtype=torch.bfloat16)
+    layer = LoraLinear(base)
+    layer.add_adapter("default", LoraConfig(r=4, alpha=8, dropout=0.0))
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == torch.float32
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    W = base.dequantize(torch.bfloat16).double()  # (out, in), the bf16 weight the matmul sees
+    A, B = (t.detach().double() for t in (layer.lora_A["default"].weight, layer.lora_B["default"].weight))
+    x64, g64 = x.detach().double(), g.double()
+    want = x.detach().bfloat16().double() @ W.T + base.bias.double() + 2.0 * (x64 @ A.T) @ B.T
+    want_gx = g.bfloat16().double() @ W + 2.0 * (g64 @ B) @ A
+    want_gA = 2.0 * ((g64 @ B).reshape(-1, 4).T @ x64.reshape(-1, 128))
+    torch.testing.assert_close(y.detach().double(), want, rtol=8e-3, atol=5e-3)
+    torch.testing.assert_close(x.grad.double(), want_gx, rtol=8e-3, atol=5e-3)
+    torch.testing.assert_close(layer.lora_A["default"].weight.grad.double(), want_gA, rtol=1e-5, atol=1e-6)
 
 
 def test_input_grad_under_autocast_with_fp32_compute_dtype():

@@ -16,7 +16,7 @@ from lorakit.errors import ModelLoadError
 from lorakit.lora import inject_lora
 from lorakit.loss import causal_lm_loss_sum
 from lorakit.models import load_model
-from lorakit.quant import CastLinear, NF4Linear, load_quantized_model, quantize_model
+from lorakit.quant import CastLinear, NF4Linear, load_quantized_model, precision_report, quantize_model
 from lorakit.quant.safetensors_io import CheckpointError
 
 SHARD = "30KB"  # tiny models of ~60 KB: several shards, some holding one tensor only
@@ -95,6 +95,25 @@ def test_unquantized_tensors_keep_their_storage_dtype_and_compute_in_fp32(tmp_pa
     as_compute = load_quantized_model(path, compute_dtype=torch.float32, storage_dtype=torch.float32)
     assert type(as_compute.lm_head) is nn.Linear and as_compute.lorakit_load.storage == {}
     _assert_same_model(as_compute, _reference(path), exact_dtypes=True)
+
+
+def test_bf16_matmuls_in_an_fp32_model_and_the_precision_report(tmp_path):
+    """matmul_dtype=bf16 (quant.compute_dtype auto on a CPU with AVX512-BF16): the same NF4 codes, layers that
+    decode to bf16 for their matmuls, everything else as in the fp32 load; the report says so."""
+    path = _save(tmp_path, "llama", torch.bfloat16)
+    fp32 = load_quantized_model(path, compute_dtype=torch.float32)
+    mixed = load_quantized_model(path, compute_dtype=torch.float32, matmul_dtype=torch.bfloat16)
+    nf4 = [m for m in mixed.modules() if isinstance(m, NF4Linear)]
+    assert len(nf4) == 14 and {m.compute_dtype for m in nf4} == {torch.bfloat16}
+    got, want = mixed.state_dict(), fp32.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    ids = batch(seed=3, rows=2, length=11)
+    a, b = _logits(mixed, ids), _logits(fp32, ids)
+    assert a.dtype == torch.float32 and (a - b).norm() / b.norm() < 0.02  # bf16 rounding of the matmul inputs
+    assert precision_report(mixed) == (
+        f"4-bit base: 14 NF4 layers, {mixed.lorakit_load.nf4_bytes / 2**30:.2f} GiB, matmuls in bfloat16; kept as "
+        "stored: lm_head.weight bfloat16, model.embed_tokens.weight bfloat16; everything else in float32")
+    assert precision_report(build_tiny("llama")) is None
 
 
 def test_bytes_reported(tmp_path):

@@ -2,7 +2,8 @@
 
 Per eval, with P the matmul weights (decoder linears + head), b the compute dtype's bytes:
 
-    loss        one forward over the eval rows: 2·P FLOPs per token (+ dequantizing every 4-bit weight per batch)
+    loss        one forward over the eval rows in batches of RunConfig.eval_batch_rows: 2·P FLOPs per token
+                (+ dequantizing every 4-bit weight per batch)
     generation  ⌈n/B⌉ batches of B = eval.batch_size of the n = eval.during_training_prompts prompts (L tokens each):
                 a prefill of B·L tokens, then G = generation.max_new_tokens decode steps of B tokens. A decode step
                 reads every weight once and does little arithmetic with it, so it costs
@@ -62,8 +63,9 @@ def eval_time(config: RunConfig, w: Workload, shape: ModelShape, rates: dict[str
     ec = config.eval
     parts: dict[str, float] = {"loss": 0.0}
     if eval_rows:
-        batches = math.ceil(eval_rows / w.micro_batch)
-        parts["loss"] = batches * forward_s(w, shape, rates, w.tokens, w.micro_batch, w.seq_len)
+        rows = min(eval_rows, config.eval_batch_rows())  # RunConfig.eval_batch_rows: more rows than a micro-batch
+        batches = math.ceil(eval_rows / rows)
+        parts["loss"] = batches * forward_s(w, shape, rates, rows * w.seq_len, rows, w.seq_len)
     if ec.every_eval is not False:
         parts["generation"] = 0.0
         if config.task == "causal_lm":

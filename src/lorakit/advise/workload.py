@@ -15,7 +15,7 @@ from lorakit.errors import ConfigError, LorakitError
 from lorakit.lora import find_target_modules
 from lorakit.loss import FUSED_MODEL_TYPES
 from lorakit.models import load_dtype
-from lorakit.runtime.devices import DTYPES, cpu_has_fast_bf16, pick_device
+from lorakit.runtime.devices import DTYPES, pick_device
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def resolve_workload(config: RunConfig, shape: ModelShape, device: str | None = 
     micro-batch of the run's data when it is known (DataStats.longest_row), else data.max_seq_len."""
     tc = config.train
     dev = (device or auto_device(tc.device)).split(":")[0]
-    compute = _compute_dtype(tc.dtype, dev, guess_cpu=device is None)
+    compute = _compute_dtype(tc.dtype, dev)
     load = load_dtype(config.method, compute, dev)  # lorakit.models' policy (full on a CPU: fp32 masters)
     if config.method == "full":
         compute = load  # the whole model is in the load dtype; it computes in it
@@ -79,13 +79,12 @@ def resolve_workload(config: RunConfig, shape: ModelShape, device: str | None = 
     )
 
 
-def _compute_dtype(name: str, dev: str, guess_cpu: bool) -> torch.dtype:
-    """train.dtype, or for auto: bf16 on CUDA (fp16 where bf16 is missing: the same 2 bytes), and on a CPU
-    bf16 only when this machine's CPU is fast at it and the plan is for this machine (`guess_cpu`)."""
+def _compute_dtype(name: str, dev: str) -> torch.dtype:
+    """train.dtype, or for auto (lorakit.runtime.devices.pick_dtype): bf16 on CUDA (fp16 where bf16 is
+    missing: the same 2 bytes), fp32 on a CPU."""
     if name != "auto":
         return DTYPES[name]
-    fast = dev == "cuda" or (dev == "cpu" and guess_cpu and cpu_has_fast_bf16())
-    return torch.bfloat16 if fast else torch.float32
+    return torch.bfloat16 if dev == "cuda" else torch.float32
 
 
 def _targets(meta: Any, target_modules: Any) -> list[str]:

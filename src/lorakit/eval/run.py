@@ -164,7 +164,7 @@ def load_for_eval(config: Any, adapter_dir: Path | None) -> tuple[nn.Module, Any
 def _loss_batch_factory(config: Any, examples: list[Any], tokenizer: Any) -> Callable[[], Iterator[dict]]:
     """Batches built as the training loop builds its eval batches (same packing, same collate)."""
     rows = training_rows(examples, config.data.packing, config.task, config.data.max_seq_len)
-    size, pad = config.train.micro_batch_size, tokenizer.pad_token_id
+    size, pad = config.eval_batch_rows(), tokenizer.pad_token_id
 
     def batches() -> Iterator[dict]:
         for i in range(0, len(rows), size):

@@ -48,7 +48,7 @@ from torch import nn
 
 from lorakit.config import QuantConfig
 from lorakit.quant.nf4 import NF4State, _tables, dequantize_nf4, quantize_nf4
-from lorakit.runtime.devices import pick_dtype
+from lorakit.runtime.devices import pick_matmul_dtype
 
 _FP32_SCALES = ("absmax", "absmax2", "offset")
 _STORAGE = ("packed", "absmax", "qabsmax", "absmax2", "offset")  # NF4State tensor fields
@@ -165,16 +165,22 @@ def nf4_grad_input(g: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torc
 
 class FrozenNF4:
     """A frozen NF4 base as LoRA's fused matmul uses it (lorakit.lora): `linear(x, b)` = x Ŵᵀ + b and
-    `grad_input(g)` = g Ŵ, both on 2-D tensors in the compute dtype. Holds no decoded weight."""
+    `grad_input(g)` = g Ŵ, on 2-D tensors in the model's dtype. Holds no decoded weight.
+
+    The matmuls run in `dtype` (the layer's compute dtype); inputs in another dtype (fp32 activations
+    beside a bf16-matmul base) are cast to it and the results back, the bias added after that cast."""
 
     def __init__(self, state: NF4State, dtype: torch.dtype):
         self.state, self.dtype = state, dtype
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return nf4_linear(x, self.state, self.dtype, bias)
+        if x.dtype == self.dtype:
+            return nf4_linear(x, self.state, self.dtype, bias)
+        y = nf4_linear(x.to(self.dtype), self.state, self.dtype).to(x.dtype)  # (M, out)
+        return y if bias is None else y.add_(bias)
 
     def grad_input(self, g: torch.Tensor) -> torch.Tensor:
-        return nf4_grad_input(g, self.state, self.dtype)
+        return nf4_grad_input(g.to(self.dtype), self.state, self.dtype).to(g.dtype)
 
 
 class _NF4Matmul(torch.autograd.Function):
@@ -322,7 +328,8 @@ def quantize_model(
     A layer already inside a LoRA wrapper (`<name>.base_layer`) is quantized inside the wrapper and
     matched against the skip list by the wrapper's name. The model's output embedding (the LM head,
     whatever its name) is always kept, as transformers' bitsandbytes integration does. compute_dtype
-    None resolves `config.compute_dtype` on each layer's device. Returns the replaced module names.
+    None resolves `config.compute_dtype` on each layer's device (`pick_matmul_dtype`; auto falls back to the
+    layer's own dtype). Returns the replaced module names.
     """
     from tqdm.auto import tqdm
 
@@ -333,7 +340,7 @@ def quantize_model(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         layer = getattr(parent, child)
-        dtype = compute_dtype or pick_dtype(config.compute_dtype, layer.weight.device)
+        dtype = compute_dtype or pick_matmul_dtype(config.compute_dtype, layer.weight.device, layer.weight.dtype)
         setattr(parent, child, NF4Linear.from_linear(layer, config.blocksize, config.double_quant, dtype))
         # NOTE: the fp weight is freed when the last reference goes; a weight tied to an embedding stays.
         del layer

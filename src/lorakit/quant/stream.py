@@ -63,6 +63,7 @@ class StreamedLoad:
     other_bytes: int = 0  # every other parameter and buffer (tied ones once)
     storage: dict[str, str] = field(default_factory=dict)  # parameter name -> dtype, for those not in compute
     compute_dtype: str = "float32"
+    matmul_dtype: str = "float32"  # what the NF4 layers decode to for their matmuls
     largest_tensor_bytes: int = 0  # in the checkpoint
     ignored_keys: list[str] = field(default_factory=list)  # checkpoint tensors the model has no place for
 
@@ -77,19 +78,23 @@ def load_quantized_model(
     revision: str | None = None,
     storage_dtype: torch.dtype | None = None,
     progress: bool = False,
+    matmul_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """A transformers model with NF4 target layers, streamed from a safetensors checkpoint (local dir or
     hub id); equal bit for bit to `load_model(..., compute_dtype)` + `quantize_model`. In eval mode, on
     `device`; `model.lorakit_load` is a StreamedLoad. Raises CheckpointError (a ModelLoadError) naming
-    the tensor and file when the checkpoint lacks a tensor or holds one of the wrong shape."""
+    the tensor and file when the checkpoint lacks a tensor or holds one of the wrong shape.
+    `matmul_dtype`: what the NF4 layers decode to for their matmuls (default: compute_dtype); the codes
+    are those of the weight as it would be loaded in compute_dtype either way."""
     quant_config = quant_config or QuantConfig()
     device = torch.device(device)
     checkpoint = CheckpointFiles.open(checkpoint_dir(path_or_dir, revision))
     model = empty_model(checkpoint.directory, task, num_labels, compute_dtype)
     targets, _ = quant_targets(model, quant_config.skip_modules)
     plan = _Plan.make(model, checkpoint, set(targets))
-    info = StreamedLoad(compute_dtype=str(compute_dtype).removeprefix("torch."), ignored_keys=plan.ignored)
-    loader = _Loader(model, plan, quant_config, compute_dtype, device, storage_dtype, info)
+    matmul_dtype = matmul_dtype or compute_dtype
+    info = StreamedLoad(compute_dtype=_name(compute_dtype), matmul_dtype=_name(matmul_dtype), ignored_keys=plan.ignored)
+    loader = _Loader(model, plan, quant_config, compute_dtype, device, storage_dtype, info, matmul_dtype)
     with torch.no_grad():
         loader.stream(checkpoint, progress)
         loader.finish(checkpoint, task)
@@ -237,8 +242,8 @@ def _renamer(model: nn.Module):
 class _Loader:
     """Puts each streamed tensor in its place; see the module docstring for the rules."""
 
-    def __init__(self, model, plan, quant_config, compute_dtype, device, storage_dtype, info):
-        self.model, self.plan, self.qc = model, plan, quant_config
+    def __init__(self, model, plan, quant_config, compute_dtype, device, storage_dtype, info, matmul_dtype):
+        self.model, self.plan, self.qc, self.matmul = model, plan, quant_config, matmul_dtype
         self.compute, self.device, self.storage, self.info = compute_dtype, device, storage_dtype, info
         self.pending_bias: dict[str, torch.Tensor] = {}  # target module -> its bias, read before the weight
         self.read_buffer = torch.empty(0, dtype=torch.uint8)  # reused for every target weight (see place)
@@ -293,7 +298,7 @@ class _Loader:
         weight = weight.to(self.device, weight.dtype if exact else self.compute)
         state = quantize_nf4(weight.T if conv1d else weight, self.qc.blocksize, self.qc.double_quant)
         del weight
-        layer = NF4Linear(state, None, self.compute, conv1d=conv1d)
+        layer = NF4Linear(state, None, self.matmul, conv1d=conv1d)
         if old.bias is not None:
             layer.bias = old.bias  # still meta unless read already; set_target_bias fills it
         bias = self.pending_bias.pop(module_name, None)
@@ -367,6 +372,26 @@ def _set_tensor(model: nn.Module, names: list[str], value: torch.Tensor) -> None
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
         (module._parameters if old is not None else module._buffers)[leaf] = value
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def precision_report(model: nn.Module) -> str | None:
+    """One line on where a 4-bit model keeps what, or None without NF4 layers: the NF4 layers, their
+    footprint and matmul dtype, and the weights kept in another dtype than the rest (a streamed load's
+    bf16 embeddings and head beside an fp32 model)."""
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    if not layers:
+        return None
+    nf4 = sum(t.numel() * t.element_size() for m in layers for t in m.buffers())  # codes and scales
+    matmul = ", ".join(sorted({_name(m.compute_dtype) for m in layers}))
+    stored = getattr(getattr(model, "lorakit_load", None), "storage", {})  # parameter name -> dtype
+    rest = {_name(p.dtype) for n, p in model.named_parameters() if p.is_floating_point() and n not in stored}
+    kept = "; kept as stored: " + ", ".join(f"{k} {v}" for k, v in sorted(stored.items())) if stored else ""
+    return (f"4-bit base: {len(layers)} NF4 layers, {nf4 / 2**30:.2f} GiB, matmuls in {matmul}{kept}; "
+            f"everything else in {', '.join(sorted(rest)) or matmul}")
 
 
 def _summarize(model: nn.Module, info: StreamedLoad) -> None:

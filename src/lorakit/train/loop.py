@@ -177,7 +177,7 @@ class Loop:
         on a batch whose result is dropped."""
         if not self.eval_rows:
             return None
-        size, rows = self.config.train.micro_batch_size, self.eval_rows
+        size, rows = self.config.eval_batch_rows(), self.eval_rows  # no grad: more rows per forward
         starts = list(range(0, len(rows), size))
         mine = starts[self.rank::self.world]
         total, count = 0.0, 0
@@ -206,7 +206,7 @@ class Loop:
         return broadcast(scores)
 
     def classifier_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        size = self.config.train.micro_batch_size
+        size = self.config.eval_batch_rows()
         for start in range(0, len(self.eval_rows), size):
             yield self.collate(self.eval_rows[start:start + size])
 

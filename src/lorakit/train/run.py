@@ -19,6 +19,7 @@ from lorakit.eval import evaluate_run
 from lorakit.eval.periodic import output_problems
 from lorakit.lora import parameter_report
 from lorakit.models import load_tokenizer
+from lorakit.quant import precision_report
 from lorakit.runtime.devices import pick_device, pick_dtype
 from lorakit.runtime.distributed import (
     barrier,
@@ -88,6 +89,9 @@ def _train(config: RunConfig, device: torch.device, claim: RunDirClaim, progress
     fingerprint = adapter_fingerprint(model, config)  # before FSDP2 turns NF4 codes into (sharded) parameters
     if is_main():
         print(parameter_report(model), file=sys.stderr)
+        precision = precision_report(model)
+        if precision:
+            print(precision, file=sys.stderr)
         print(batch_report(config), file=sys.stderr)
     wrapped = wrap_model(model, config.train.parallel, device)
     torch.manual_seed(config.train.seed + rank())  # dropout masks: one stream per rank

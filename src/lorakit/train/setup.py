@@ -37,34 +37,34 @@ def prepare_model(config: RunConfig, device: torch.device, dtype: torch.dtype,
         quant=config.quant if streamed else None, progress=True)
     if config.task == "seq_cls":
         set_label_names(model, label_names)
-    return adapt_for_method(model, config, dtype), tokenizer
+    return adapt_for_method(model, config), tokenizer
 
 
-def adapt_for_method(model: nn.Module, config: RunConfig, dtype: torch.dtype, progress: bool = True) -> nn.Module:
+def adapt_for_method(model: nn.Module, config: RunConfig, progress: bool = True) -> nn.Module:
     """The method as config: NF4 base for qlora, adapters for lora/qlora, everything trainable for full;
     then gradient checkpointing (non-reentrant, so frozen inputs and 4-bit layers work)."""
     quantized = any(isinstance(m, NF4Linear) for m in model.modules())
     if config.method == "qlora" and not quantized and not weight_init(config):
-        quantize_model(model, config.quant, compute_dtype=dtype, progress=progress)
+        quantize_model(model, config.quant, progress=progress)
     if config.method == "full":
         model.requires_grad_(True)
     else:
         inject_lora(model, config.lora, quant=config.quant)
     if config.method == "qlora" and weight_init(config):
-        _quantize_after_init(model, config, dtype, progress)
+        _quantize_after_init(model, config, progress)
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
 
 
-def _quantize_after_init(model: nn.Module, config: RunConfig, dtype: torch.dtype, progress: bool) -> None:
+def _quantize_after_init(model: nn.Module, config: RunConfig, progress: bool) -> None:
     """QLoRA after PiSSA/OLoRA (the residual W − s·B₀A₀ is what gets quantized) or LoftQ (its targets are NF4
     already): every other layer as quantize_model would, modules trained in full (heads.SavedModule) kept."""
     inside_saved = [m for n, _ in saved_modules(model) for m, _ in model.get_submodule(n).named_modules(prefix=n)]
     quant = dataclasses.replace(config.quant, skip_modules=[*config.quant.skip_modules, *inside_saved])
     if quant_targets(model, quant.skip_modules)[0]:
-        quantize_model(model, quant, compute_dtype=dtype, progress=progress)
+        quantize_model(model, quant, progress=progress)
 
 
 def weight_init(config: RunConfig) -> bool:
