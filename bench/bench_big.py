@@ -181,7 +181,6 @@ def _trainer(spec: dict):
     else:
         from lorakit.lora import inject_lora
         from lorakit.loss import causal_lm_loss_sum
-
         from lorakit.models import load_base
 
         # as `lorakit train` loads it: an fp32 model; NF4 matmuls in quant.compute_dtype (auto: bf16 where fast)
