@@ -16,7 +16,7 @@ import gguf
 import pytest
 import torch
 import transformers as tf
-from gguf_families import KINDS, LLAMA3_ROPE, save_base
+from gguf_families import KINDS, LLAMA3_ROPE, MISTRAL, save_base
 from llama_runtime import LlamaCpp
 
 from conftest import randomize_lora
@@ -28,7 +28,10 @@ from lorakit.export.gguf import export_gguf
 from lorakit.export.ollama import chat_family, go_template
 from lorakit.lora import merge_lora_weights
 
-TEXTS = ["Hello world, the cat sat.", "  indented\n\nnew lines\tand 12345 numbers!", "naïve café, déjà vu"]
+# spaces, leading spaces, new lines, digits, accents, and characters no tokenizer here has (SentencePiece-style
+# tokenizers fall back to their UTF-8 bytes)
+TEXTS = ["Hello world, the cat sat.", "  indented\n\nnew lines\tand 12345 numbers!", "naïve café, déjà vu",
+         " emoji 😀 and 漢字 ", "a  b   c\n \n"]
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about the kettle."},
             {"role": "assistant", "content": "It is silver."}, {"role": "user", "content": "And the cat?"}]
 # NOTE: rank 8, not 4: ik_llama.cpp's CPU matmul returns NaN rows for a LoRA of rank 4 (inner dimension < 8).
@@ -36,7 +39,11 @@ RANK = 8
 
 
 def _messages(kind: str) -> list[dict[str, str]]:
-    return MESSAGES[1:] if kind == "mistral" else MESSAGES  # the Mistral template has no system turn
+    return MESSAGES[1:] if KINDS[kind].template == MISTRAL else MESSAGES  # the Mistral template has no system turn
+
+
+def _generation_prompt(kind: str) -> bool:
+    return KINDS[kind].template != MISTRAL  # the Mistral template ends a user turn with [/INST] itself
 
 
 def make_run(root: Path, kind: str, rslora: bool = False, targets: str | list[str] = "all-linear") -> Path:
@@ -75,9 +82,15 @@ def exported(request, tmp_path_factory):
 
 
 def test_tokenization_matches_transformers(exported):
-    kind, _, _, tok, _, runtime = exported
-    chat = tok.apply_chat_template(_messages(kind), tokenize=False, add_generation_prompt=kind != "mistral")
-    for text in [*TEXTS, chat.removeprefix(tok.bos_token or "")]:
+    kind, _, _, tok, result, runtime = exported
+    chat = tok.apply_chat_template(_messages(kind), tokenize=False, add_generation_prompt=_generation_prompt(kind))
+    texts = [*TEXTS, chat.removeprefix(tok.bos_token or "")]
+    if KINDS[kind].spm == "first":
+        # Metaspace 'first' puts '▁' only at the very start of the input; llama.cpp has one flag for the start and
+        # after special tokens, written so that text after a special token (all of a chat prompt) agrees
+        texts = [chat.removeprefix(tok.bos_token), *(f"{tok.eos_token}{t}" for t in TEXTS)]
+        assert any("prepend_scheme 'first'" in note for note in result.notes)
+    for text in texts:
         assert runtime.tokenize(text, add_bos=True) == tok(text)["input_ids"], (kind, text)
         assert runtime.tokenize(text, add_bos=False) == tok(text, add_special_tokens=False)["input_ids"], (kind, text)
 
@@ -105,7 +118,7 @@ def test_end_of_turn_token_ends_generation(exported):
     end = tok.convert_tokens_to_ids(KINDS[kind].end_of_turn)
     assert runtime.is_eog(end) and runtime.is_eog(tok.eos_token_id)
     assert runtime.special("eos") == tok.eos_token_id
-    if kind != "mistral":
+    if chat_family(KINDS[kind].template).end_of_turn:  # Mistral's turns end with EOS itself
         assert runtime.special("eot") == end
 
 
@@ -264,22 +277,21 @@ def _run(nodes, scope) -> str:
     return "".join(out)
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "llama3", "mistral", "gemma", "phi3"])
 def test_modelfile_template_renders_the_training_text(kind, tmp_path):
     tok_kind = KINDS[kind]
     family = chat_family(tok_kind.template)
-    messages = _messages(kind)
+    messages = _messages(kind)[:-1] if tok_kind.template == MISTRAL else _messages(kind)
     tok = tf.AutoTokenizer.from_pretrained(save_base(tok_kind, tmp_path / "base"))
-    training = tok.apply_chat_template(messages[:-1] if kind == "mistral" else messages, tokenize=False,
-                                       add_generation_prompt=kind != "mistral")
-    got = render_go(go_template(family, tok.eos_token), messages[:-1] if kind == "mistral" else messages)
+    training = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=_generation_prompt(kind))
+    got = render_go(go_template(family, tok.eos_token), messages)
     assert got == training.removeprefix(tok.bos_token or "")  # llama.cpp adds BOS itself (add_bos_token)
 
     make_run(tmp_path / "x", kind)
     export_gguf(tmp_path / "x" / "run", tmp_path / "out", dtype="f16", progress=False)
     modelfile = (tmp_path / "out" / "Modelfile").read_text()
     template = re.search(r'TEMPLATE """(.*?)"""', modelfile, flags=re.S).group(1)
-    assert render_go(template, messages[:-1] if kind == "mistral" else messages) == got
+    assert render_go(template, messages) == got
     stops = re.findall(r'PARAMETER stop "(.*)"', modelfile)
     assert tok_kind.end_of_turn in stops and tok_kind.eos in stops
     assert "ollama create" in (tmp_path / "out" / "README.md").read_text()
@@ -317,7 +329,7 @@ def test_refusals_name_the_problem_and_the_way_out(llama_run, tmp_path):
 
     tiny_gpt2 = tmp_path / "gpt2"
     tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50)).save_pretrained(tiny_gpt2)
-    with pytest.raises(ExportError, match="supported: llama, mistral, qwen2"):
+    with pytest.raises(ExportError, match="supported: gemma, llama, mistral, phi3, qwen2"):
         export_gguf(tiny_gpt2, tmp_path / "o", progress=False)
 
     no_tokenizer = tmp_path / "notok"

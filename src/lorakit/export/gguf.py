@@ -113,7 +113,8 @@ def export_gguf(
         write_ollama_files(tmp, inputs.name, model_file.name, lora_file.name if lora_file else None, chat,
                            tokenizer.eos_token, dtype)
     files = [out / model_file.name, *([out / lora_file.name] if lora_file else [])]
-    return ExportResult(out, files, family.gguf_arch, len(adapter.factors) if adapter else 0, _notes(inputs, adapter, fmt, chat))
+    notes = _notes(inputs, adapter, fmt, chat) + vocab.notes
+    return ExportResult(out, files, family.gguf_arch, len(adapter.factors) if adapter else 0, notes)
 
 
 def _require_gguf() -> None:
@@ -153,7 +154,7 @@ def _notes(inputs: ExportInputs, adapter: Adapter | None, fmt: str, chat: ChatFa
     if adapter is not None:
         how = "merged into the base's own weights" if fmt == "gguf" else "as a GGUF LoRA"
         notes.append(f"adapter: {adapter.path} ({len(adapter.factors)} modules, scaling {adapter.scaling:g}) {how}")
-    notes.append(f"chat template: {chat.name}" if chat else "chat template: not ChatML/Llama-3/Mistral; see the NOTE in Modelfile")
+    notes.append(f"chat template: {chat.name}" if chat else "chat template: not ChatML/Llama-3/Mistral/Gemma/Phi-3; see the NOTE in Modelfile")
     return notes
 
 
@@ -182,7 +183,7 @@ def write_model(path: Path, ckpt: BaseCheckpoint, family: Family, hp: Hparams, v
     writer.add_file_type(_file_type(dtype))
     if dtype == "q8_0":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    write_hparams(writer, hp)
+    write_hparams(writer, hp, family)
     vocab.write(writer)
     _stream(writer, plan, progress, f"{path.name}")
 
@@ -200,6 +201,7 @@ def plan_tensors(ckpt: BaseCheckpoint, family: Family, hp: Hparams, adapter: Ada
     sources = {n: n for n in ckpt.names()}
     lm_head_trained = adapter is not None and ("lm_head" in adapter.factors or "lm_head.weight" in adapter.full)
     if "lm_head.weight" not in ckpt and lm_head_trained:  # tied embeddings whose output side was adapted
+        _check_separate_output(family, adapter)
         sources["lm_head.weight"] = "model.embed_tokens.weight"
     for hf_name in sorted(sources, key=_layer_order):
         gname = gguf_name(hf_name)
@@ -221,10 +223,20 @@ def _merged_values(ckpt: BaseCheckpoint, hf_name: str, read_name: str, adapter: 
         delta = adapter.delta(hf_name.removesuffix(".weight"), w) if adapter and hf_name.endswith(".weight") else None
         if delta is not None:
             w = w + delta  # W' = W + s·BA (DoRA: m/n ⊙ (W + s·BA)), in float32 as lorakit's own merge
+        if family.norm_plus_one and gname.endswith("norm.weight"):
+            w = w + 1  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by the stored weight
         heads = qk_heads(gname, hp) if family.permute_qk else None
         return permute_rows(w, heads) if heads else w
 
     return values
+
+
+def _check_separate_output(family: Family, adapter: Adapter) -> None:
+    if not family.separate_output:
+        raise ExportError(f"{adapter.path} adapts lm_head, but the model ties it to the embeddings and llama.cpp's "
+                          f"{family.gguf_arch} graph always reads the output projection from token_embd, so the adapted "
+                          "lm_head cannot be written. Train without lm_head in lora.target_modules, or export with "
+                          "`lorakit merge` and untie the embeddings before converting")
 
 
 def _layer_order(hf_name: str) -> tuple[int, str]:
