@@ -54,6 +54,10 @@ CORPUS = [
     "Tell me about the kettle. The kettle is silver and it works perfectly.", "naïve café, déjà vu",
     "user assistant system: Hello there. How are you today?", "  indented\n\nnew lines\tand tabs",
 ] * 10
+# texts the tests tokenize: spaces, leading and repeated spaces, new lines, digits, accents, and characters no
+# tokenizer here has learnt (SentencePiece-style tokenizers fall back to their UTF-8 bytes)
+TEXTS = ["Hello world, the cat sat.", "  indented\n\nnew lines\tand 12345 numbers!", "naïve café, déjà vu",
+         " emoji 😀 and 漢字 ", "a  b   c\n \n"]
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ KINDS = {
     "llama2-first": Kind("llama2-first", tf.LlamaConfig, None, CHATML, ("<unk>", "<s>", "</s>", "<|im_start|>",
                          "<|im_end|>"), "<s>", "</s>", "<|im_end|>", spm="first"),
     "gemma": Kind("gemma", tf.GemmaConfig, None, GEMMA, ("<unk>", "<s>", "</s>", "<start_of_turn>", "<end_of_turn>"),
-                  "<s>", "</s>", "<end_of_turn>", (("head_dim", 32), ("hidden_activation", "gelu_pytorch_tanh")),
+                  "<s>", "</s>", "<end_of_turn>", (("head_dim", 32), ("hidden_act", "gelu_pytorch_tanh")),
                   spm="gemma"),
     "phi3": Kind("phi3", tf.Phi3Config, None, PHI3, ("<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>",
                  "<|end|>"), "<s>", "</s>", "<|end|>", (("sliding_window", None), ("pad_token_id", 0)), spm="prepend"),
@@ -105,7 +109,7 @@ def build_tokenizer(kind: Kind) -> tf.PreTrainedTokenizerFast:
 
 
 @cache
-def _sentencepiece_model() -> bytes:
+def sentencepiece_model() -> bytes:
     """A SentencePiece BPE tokenizer.model trained on CORPUS: <unk> <s> </s>, 256 byte tokens, pieces by score."""
     import io
 
@@ -127,7 +131,7 @@ def build_spm_tokenizer(kind: Kind) -> tf.PreTrainedTokenizerFast:
     from tokenizers import normalizers, pre_tokenizers, processors
 
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "tokenizer.model").write_bytes(_sentencepiece_model())
+        (Path(tmp) / "tokenizer.model").write_bytes(sentencepiece_model())
         config = {"tokenizer_class": "GemmaTokenizer" if kind.spm == "gemma" else "LlamaTokenizer",
                   "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": False}
         (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(config))

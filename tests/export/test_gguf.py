@@ -16,7 +16,7 @@ import gguf
 import pytest
 import torch
 import transformers as tf
-from gguf_families import KINDS, LLAMA3_ROPE, MISTRAL, save_base
+from gguf_families import KINDS, LLAMA3_ROPE, MISTRAL, TEXTS, save_base
 from llama_runtime import LlamaCpp
 
 from conftest import randomize_lora
@@ -28,10 +28,6 @@ from lorakit.export.gguf import export_gguf
 from lorakit.export.ollama import chat_family, go_template
 from lorakit.lora import merge_lora_weights
 
-# spaces, leading spaces, new lines, digits, accents, and characters no tokenizer here has (SentencePiece-style
-# tokenizers fall back to their UTF-8 bytes)
-TEXTS = ["Hello world, the cat sat.", "  indented\n\nnew lines\tand 12345 numbers!", "naïve café, déjà vu",
-         " emoji 😀 and 漢字 ", "a  b   c\n \n"]
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about the kettle."},
             {"role": "assistant", "content": "It is silver."}, {"role": "user", "content": "And the cat?"}]
 # NOTE: rank 8, not 4: ik_llama.cpp's CPU matmul returns NaN rows for a LoRA of rank 4 (inner dimension < 8).
@@ -352,3 +348,20 @@ def test_cli_export_refuses_a_non_empty_out_unless_forced(llama_run, tmp_path, c
     assert main(["export", str(llama_run), "--out", str(out), "--force", "--dtype", "f16"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "run-f16.gguf"]
     assert main(["export", str(llama_run), "--out", str(llama_run), "--force"]) == 2  # never over its own input
+
+
+def test_family_refusals_say_why_and_what_to_do(tmp_path):
+    long_rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                 "original_max_position_embeddings": 64}
+    phi3 = save_base(KINDS["phi3"], tmp_path / "phi3", rope_parameters=long_rope, head_dim=16)
+    with pytest.raises(ExportError, match="rope_type 'longrope'.*supported: default.*convert_hf_to_gguf"):
+        export_gguf(phi3, tmp_path / "o", progress=False)
+
+    gemma = save_base(KINDS["gemma"], tmp_path / "gemma", hidden_act="relu")
+    with pytest.raises(ExportError, match="hidden_act 'relu'.*gelu_pytorch_tanh"):
+        export_gguf(gemma, tmp_path / "o", progress=False)
+
+    make_run(tmp_path / "g", "gemma", targets=["q_proj", "lm_head"])  # tied embeddings, lm_head adapted
+    for fmt in ("gguf", "gguf-lora"):
+        with pytest.raises(ExportError, match="lm_head"):
+            export_gguf(tmp_path / "g" / "run", tmp_path / "o", fmt=fmt, progress=False)

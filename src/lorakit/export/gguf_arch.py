@@ -74,11 +74,12 @@ def family_of(config: Any) -> Family:
 
 def _check_activation(config: Any, model_type: str) -> None:
     """llama.cpp's graphs hard-code the activation: SiLU (SwiGLU), and tanh-GELU (GeGLU) for Gemma."""
-    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
     want = ("gelu_pytorch_tanh", "gelu") if model_type == "gemma" else ("silu", "swish")  # HF Gemma runs "gelu" as tanh
-    if act not in want:
-        raise ExportError(f"config.json hidden_act {act!r}: llama.cpp's {model_type} graph computes {want[0]}, so the "
-                          "GGUF would compute another function; only checkpoints with that activation can be exported")
+    for key in ("hidden_act", "hidden_activation"):  # transformers 4.x Gemma read hidden_activation first
+        act = getattr(config, key, None)
+        if act is not None and act not in want:
+            raise ExportError(f"config.json {key} {act!r}: llama.cpp's {model_type} graph computes {want[0]}, so the "
+                              "GGUF would compute another function; only checkpoints with that activation can be exported")
 
 
 def gguf_name(hf_name: str) -> str | None:
