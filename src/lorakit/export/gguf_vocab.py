@@ -191,8 +191,8 @@ def space_prefix(normalizer: dict[str, Any] | None, pre: dict[str, Any] | None) 
         scheme = pre.get("prepend_scheme") or ("always" if pre.get("add_prefix_space", True) else "never")
         replaced, prefix = True, scheme == "always"
         if scheme == "always":
-            notes.append("tokenizer: text starting with a space gets one more '▁' in llama.cpp (Metaspace "
-                         "prepend_scheme 'always' adds none to text that already starts with one)")
+            notes.append("tokenizer: a space at the start of a prompt or right after a special token becomes one "
+                         "more '▁' in llama.cpp (Metaspace prepend_scheme 'always' adds none before a space)")
         if scheme == "first":
             notes.append("tokenizer: a prompt that starts with plain text, not a special token, gets no leading '▁' "
                          "in llama.cpp (Metaspace prepend_scheme 'first'); chat prompts tokenize as in training")
