@@ -106,26 +106,25 @@ def build_vocab(tokenizer: Any, n_vocab: int, chat_template: str | None, eot_tok
     """The GGUF vocabulary of `tokenizer`, padded to the model's `n_vocab` embedding rows."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec["model"]
-    if model.get("type") == "BPE" and not model.get("byte_fallback"):
-        kind, pre, scores, prefix, notes = "gpt2", pre_tokenizer_name(spec.get("pre_tokenizer")), None, None, []
-    elif model.get("type") == "BPE":
-        kind, pre = "llama", "default"
-        prefix, notes = space_prefix(spec.get("normalizer"), spec.get("pre_tokenizer"))
-    else:
+    if model.get("type") != "BPE":
         raise ExportError(_unsupported_model(model))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    tokens, types = _tokens(tokenizer, model["vocab"], n_vocab, sentencepiece=kind == "llama")
-    if kind == "llama":
-        scores = merge_scores(tokens, types, merges)
-        merges = []
+    sentencepiece = bool(model.get("byte_fallback"))
+    tokens, types = _tokens(tokenizer, model["vocab"], n_vocab, sentencepiece)
+    if sentencepiece:  # written as llama.cpp's `llama` model: scores instead of merges (see the module docstring)
+        prefix, notes = space_prefix(spec.get("normalizer"), spec.get("pre_tokenizer"))
+        kind = {"model": "llama", "pre": "default", "merges": [], "scores": merge_scores(tokens, types, merges),
+                "add_space_prefix": prefix, "notes": notes}
+    else:
+        kind = {"model": "gpt2", "pre": pre_tokenizer_name(spec.get("pre_tokenizer")), "merges": merges,
+                "scores": None, "add_space_prefix": None}
     with_special = tokenizer("a")["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     return Vocab(
-        model=kind, pre=pre, tokens=tokens, types=types, merges=merges, scores=scores, add_space_prefix=prefix,
-        special_ids=_special_ids(tokenizer, eot_token),
+        tokens=tokens, types=types, special_ids=_special_ids(tokenizer, eot_token),
         add_bos=len(with_special) > len(plain) and with_special[0] == tokenizer.bos_token_id,
         add_eos=len(with_special) > len(plain) and with_special[-1] == tokenizer.eos_token_id,
-        chat_template=chat_template or tokenizer.chat_template, notes=notes,
+        chat_template=chat_template or tokenizer.chat_template, **kind,
     )
 
 
