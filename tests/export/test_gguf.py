@@ -367,5 +367,30 @@ def test_family_refusals_say_why_and_what_to_do(tmp_path):
 
     make_run(tmp_path / "g", "gemma", targets=["q_proj", "lm_head"])  # tied embeddings, lm_head adapted
     for fmt in ("gguf", "gguf-lora"):
-        with pytest.raises(ExportError, match="lm_head"):
+        with pytest.raises(ExportError, match="adapts lm_head.*Train without lm_head") as info:
             export_gguf(tmp_path / "g" / "run", tmp_path / "o", fmt=fmt, progress=False)
+        assert "--format gguf" not in str(info.value)  # merged cannot hold it either
+
+    untied = save_base(KINDS["gemma"], tmp_path / "untied", tie_word_embeddings=False)
+    with pytest.raises(ExportError, match="own lm_head.weight.*tied embeddings"):
+        export_gguf(untied, tmp_path / "o", progress=False)
+
+
+def test_adapted_lm_head_of_tied_embeddings_is_its_own_output_tensor(tmp_path):
+    """LoRA on lm_head of a model with tied embeddings: the input embedding stays W, the output becomes
+    W + s·BA, so the GGUF gets `output.weight` beside `token_embd.weight`. The oracle is the adapter applied
+    unmerged (merging into the one shared matrix would change the embedding too)."""
+    make_run(tmp_path, "llama", targets=["q_proj", "lm_head"])  # KINDS["llama"] ties its embeddings
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    load_lora_adapter(model, tmp_path / "run" / "adapter")
+    result = export_gguf(tmp_path / "run", tmp_path / "out", dtype="f32", progress=False)
+    assert {"token_embd.weight", "output.weight"} <= {t.name for t in gguf.GGUFReader(result.files[0]).tensors}
+    ids = tf.AutoTokenizer.from_pretrained(tmp_path / "base")(TEXTS[0])["input_ids"]
+    runtime = LlamaCpp(result.files[0])
+    try:
+        with torch.no_grad():
+            assert rel_err(runtime.logits(ids), model(torch.tensor([ids])).logits[0]) < 1e-3
+    finally:
+        runtime.close()
+    with pytest.raises(ExportError, match="adapts lm_head of a model with tied embeddings.*--format gguf"):
+        export_gguf(tmp_path / "run", tmp_path / "lora", fmt="gguf-lora", progress=False)

@@ -97,7 +97,7 @@ def export_gguf(
     if adapter is not None:
         check_adapter_fits(adapter, ckpt, config, check_base)
         if fmt == "gguf-lora":
-            _refuse_inexpressible_tensors(adapter, ckpt)
+            _refuse_inexpressible_tensors(adapter, ckpt, family)
     tokenizer = load_tokenizer(inputs.base_dir)
     chat = chat_family(inputs.chat_template or tokenizer.chat_template)
     vocab = build_vocab(tokenizer, hp.n_vocab, inputs.chat_template, chat.end_of_turn if chat else None)
@@ -201,8 +201,9 @@ def plan_tensors(ckpt: BaseCheckpoint, family: Family, hp: Hparams, adapter: Ada
     sources = {n: n for n in ckpt.names()}
     lm_head_trained = adapter is not None and ("lm_head" in adapter.factors or "lm_head.weight" in adapter.full)
     if "lm_head.weight" not in ckpt and lm_head_trained:  # tied embeddings whose output side was adapted
-        _check_separate_output(family, adapter)
         sources["lm_head.weight"] = "model.embed_tokens.weight"
+    if "lm_head.weight" in sources and not family.separate_output:
+        _refuse_output(family, ckpt, adapter)
     for hf_name in sorted(sources, key=_layer_order):
         gname = gguf_name(hf_name)
         if gname is None:
@@ -231,12 +232,16 @@ def _merged_values(ckpt: BaseCheckpoint, hf_name: str, read_name: str, adapter: 
     return values
 
 
-def _check_separate_output(family: Family, adapter: Adapter) -> None:
-    if not family.separate_output:
-        raise ExportError(f"{adapter.path} adapts lm_head, but the model ties it to the embeddings and llama.cpp's "
-                          f"{family.gguf_arch} graph always reads the output projection from token_embd, so the adapted "
-                          "lm_head cannot be written. Train without lm_head in lora.target_modules, or export with "
-                          "`lorakit merge` and untie the embeddings before converting")
+def _refuse_output(family: Family, ckpt: BaseCheckpoint, adapter: Adapter | None) -> None:
+    """llama.cpp's graph for `family` has no output tensor of its own: it always multiplies by token_embd."""
+    if "lm_head.weight" in ckpt:
+        raise ExportError(f"{ckpt.dir} has its own lm_head.weight, but llama.cpp's {family.gguf_arch} graph always "
+                          "reads the output projection from the token embeddings (token_embd), so a separate one "
+                          "cannot be written; only checkpoints with tied embeddings can be exported")
+    raise ExportError(f"{adapter.path if adapter else ckpt.dir} adapts lm_head, but the model ties it to the "
+                      f"embeddings and llama.cpp's {family.gguf_arch} graph always reads the output projection from "
+                      "token_embd, so the adapted lm_head cannot be written. Train without lm_head in "
+                      "lora.target_modules")
 
 
 def _layer_order(hf_name: str) -> tuple[int, str]:
@@ -295,11 +300,13 @@ def _refuse_inexpressible(inputs: ExportInputs, dtype: str) -> None:
                           + (" (DoRA included: the merged GGUF applies m/‖W + s·BA‖)" if config.get("use_dora") else ""))
 
 
-def _refuse_inexpressible_tensors(adapter: Adapter, ckpt: BaseCheckpoint) -> None:
+def _refuse_inexpressible_tensors(adapter: Adapter, ckpt: BaseCheckpoint, family: Family) -> None:
     if adapter.full:
         raise ExportError(f"{adapter.path} cannot be written as a GGUF LoRA: tensors {sorted(adapter.full)[:5]} were "
                           "trained in full, and GGUF LoRA holds only low-rank pairs. Export it merged: --format gguf")
     if "lm_head" in adapter.factors and "lm_head.weight" not in ckpt:
+        if not family.separate_output:
+            _refuse_output(family, ckpt, adapter)  # merged cannot hold it either
         raise ExportError(f"{adapter.path} adapts lm_head of a model with tied embeddings; llama.cpp's base GGUF has no "
                           "separate output tensor to apply it to. Export it merged: --format gguf")
 
