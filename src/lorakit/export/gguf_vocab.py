@@ -136,7 +136,7 @@ def _unsupported_model(model: dict[str, Any]) -> str:
                    "SentencePiece's compiled normalizer, which tokenizer.json does not hold",
         "WordPiece": "WordPiece is an encoder (BERT) tokenizer; no supported causal LM family uses it",
     }.get(kind, "llama.cpp has no tokenizer for it")
-    return (f"tokenizer model {kind!r} (tokenizer.json model.type) cannot be exported to GGUF: {why}. Supported: "
+    return (f"tokenizer model {kind!r} (tokenizer.json model.type) is not supported by the GGUF export: {why}. Supported: "
             "byte-level BPE (GPT-2, Llama-3, Qwen2 style) and SentencePiece-style BPE with byte_fallback "
             "(Llama-2, Mistral, Gemma, Phi-3 style)")
 
