@@ -24,6 +24,7 @@ import torch
 from lorakit.export.gguf_arch import (
     Family,
     Hparams,
+    check_rope,
     family_of,
     gguf_name,
     hparams_of,
@@ -93,6 +94,7 @@ def export_gguf(
         _refuse_inexpressible(inputs, dtype)
     ckpt, config = BaseCheckpoint(inputs.base_dir), load_config(inputs.base_dir)
     family, hp = family_of(config), hparams_of(config)
+    check_rope(hp, family)
     adapter = read_adapter(inputs.adapter_dir) if inputs.adapter_dir else None
     if adapter is not None:
         check_adapter_fits(adapter, ckpt, config, check_base)

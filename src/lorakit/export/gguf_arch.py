@@ -175,9 +175,8 @@ def write_hparams(writer: Any, hp: Hparams, family: Family) -> None:
     _write_rope_scaling(writer, hp, family)
 
 
-def _write_rope_scaling(writer: Any, hp: Hparams, family: Family) -> None:
-    from gguf import RopeScalingType
-
+def check_rope(hp: Hparams, family: Family) -> None:
+    """Refuse a rope this exporter does not write for `family` (called before any weight is read)."""
     kind = hp.rope["rope_type"]
     if kind not in family.rope_types:
         raise ExportError(f"rope_type {kind!r} (config.json rope_parameters/rope_scaling) cannot be exported for "
@@ -185,6 +184,13 @@ def _write_rope_scaling(writer: Any, hp: Hparams, family: Family) -> None:
                           + (". Phi-3's long-context rope (longrope/su: per-frequency long and short factors and an "
                              "attention factor) is not written by this exporter; convert the merged model (`lorakit "
                              "merge`) with llama.cpp's convert_hf_to_gguf.py" if kind in ("longrope", "su") else ""))
+
+
+def _write_rope_scaling(writer: Any, hp: Hparams, family: Family) -> None:
+    from gguf import RopeScalingType
+
+    kind = hp.rope["rope_type"]
+    check_rope(hp, family)
     if kind in ("default", "llama3"):  # llama3: per-frequency factors, written as the rope_freqs tensor
         return
     if kind == "linear":
