@@ -16,7 +16,7 @@ import gguf
 import pytest
 import torch
 import transformers as tf
-from gguf_families import KINDS, LLAMA3_ROPE, save_base
+from gguf_families import KINDS, LLAMA3_ROPE, MISTRAL, TEXTS, save_base
 from llama_runtime import LlamaCpp
 
 from conftest import randomize_lora
@@ -28,7 +28,6 @@ from lorakit.export.gguf import export_gguf
 from lorakit.export.ollama import chat_family, go_template
 from lorakit.lora import merge_lora_weights
 
-TEXTS = ["Hello world, the cat sat.", "  indented\n\nnew lines\tand 12345 numbers!", "naïve café, déjà vu"]
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about the kettle."},
             {"role": "assistant", "content": "It is silver."}, {"role": "user", "content": "And the cat?"}]
 # NOTE: rank 8, not 4: ik_llama.cpp's CPU matmul returns NaN rows for a LoRA of rank 4 (inner dimension < 8).
@@ -36,7 +35,11 @@ RANK = 8
 
 
 def _messages(kind: str) -> list[dict[str, str]]:
-    return MESSAGES[1:] if kind == "mistral" else MESSAGES  # the Mistral template has no system turn
+    return MESSAGES[1:] if KINDS[kind].template == MISTRAL else MESSAGES  # the Mistral template has no system turn
+
+
+def _generation_prompt(kind: str) -> bool:
+    return KINDS[kind].template != MISTRAL  # the Mistral template ends a user turn with [/INST] itself
 
 
 def make_run(root: Path, kind: str, rslora: bool = False, targets: str | list[str] = "all-linear") -> Path:
@@ -75,9 +78,15 @@ def exported(request, tmp_path_factory):
 
 
 def test_tokenization_matches_transformers(exported):
-    kind, _, _, tok, _, runtime = exported
-    chat = tok.apply_chat_template(_messages(kind), tokenize=False, add_generation_prompt=kind != "mistral")
-    for text in [*TEXTS, chat.removeprefix(tok.bos_token or "")]:
+    kind, _, _, tok, result, runtime = exported
+    chat = tok.apply_chat_template(_messages(kind), tokenize=False, add_generation_prompt=_generation_prompt(kind))
+    texts = [*TEXTS, chat.removeprefix(tok.bos_token or "")]
+    if KINDS[kind].spm == "first":
+        # Metaspace 'first' puts '▁' only at the very start of the input; llama.cpp has one flag for the start and
+        # after special tokens, written so that text after a special token (all of a chat prompt) agrees
+        texts = [chat.removeprefix(tok.bos_token), *(f"{tok.eos_token}{t}" for t in TEXTS)]
+        assert any("prepend_scheme 'first'" in note for note in result.notes)
+    for text in texts:
         assert runtime.tokenize(text, add_bos=True) == tok(text)["input_ids"], (kind, text)
         assert runtime.tokenize(text, add_bos=False) == tok(text, add_special_tokens=False)["input_ids"], (kind, text)
 
@@ -105,7 +114,7 @@ def test_end_of_turn_token_ends_generation(exported):
     end = tok.convert_tokens_to_ids(KINDS[kind].end_of_turn)
     assert runtime.is_eog(end) and runtime.is_eog(tok.eos_token_id)
     assert runtime.special("eos") == tok.eos_token_id
-    if kind != "mistral":
+    if chat_family(KINDS[kind].template).end_of_turn:  # Mistral's turns end with EOS itself
         assert runtime.special("eot") == end
 
 
@@ -161,8 +170,12 @@ def test_llama3_rope_scaling_is_written_as_llama_cpp_freq_factors(tmp_path):
     assert all(cases)  # factor 1, factor `factor` and the smooth band in between all occur
 
 
-@pytest.mark.xfail(strict=True, reason="ik_llama.cpp (PyPI wheel 0.1.5) ignores rope_freqs.weight for `llama`: its "
-                   "logits equal transformers' *unscaled* rope to 1e-3; mainline llama.cpp applies it")
+@pytest.mark.xfail(strict=True, reason="ik_llama.cpp (PyPI wheel 0.1.5) ignores rope_freqs.weight for `llama`. The file "
+                   "is as llama.cpp's converter writes it (rope_freqs.weight, F32, shape (head_dim/2,), with "
+                   "llama.rope.dimension_count = head_dim) and the loader takes it (its per-layer size scan only logs "
+                   "'tensor with strange name'), but the logits are bit-identical whether the factors are the real "
+                   "ones, 1e6 or 1e-3 everywhere, and equal transformers' *unscaled* rope to 3e-4; mainline llama.cpp "
+                   "passes them to ggml_rope_ext as freq_factors")
 def test_llama3_rope_scaling_in_the_runtime(tmp_path):
     base = save_base(KINDS["llama3"], tmp_path / "base", rope_scaling=LLAMA3_ROPE)
     result = export_gguf(base, tmp_path / "out", dtype="f32", progress=False)
@@ -264,22 +277,21 @@ def _run(nodes, scope) -> str:
     return "".join(out)
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "llama3", "mistral", "gemma", "phi3"])
 def test_modelfile_template_renders_the_training_text(kind, tmp_path):
     tok_kind = KINDS[kind]
     family = chat_family(tok_kind.template)
-    messages = _messages(kind)
+    messages = _messages(kind)[:-1] if tok_kind.template == MISTRAL else _messages(kind)
     tok = tf.AutoTokenizer.from_pretrained(save_base(tok_kind, tmp_path / "base"))
-    training = tok.apply_chat_template(messages[:-1] if kind == "mistral" else messages, tokenize=False,
-                                       add_generation_prompt=kind != "mistral")
-    got = render_go(go_template(family, tok.eos_token), messages[:-1] if kind == "mistral" else messages)
+    training = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=_generation_prompt(kind))
+    got = render_go(go_template(family, tok.eos_token), messages)
     assert got == training.removeprefix(tok.bos_token or "")  # llama.cpp adds BOS itself (add_bos_token)
 
     make_run(tmp_path / "x", kind)
     export_gguf(tmp_path / "x" / "run", tmp_path / "out", dtype="f16", progress=False)
     modelfile = (tmp_path / "out" / "Modelfile").read_text()
     template = re.search(r'TEMPLATE """(.*?)"""', modelfile, flags=re.S).group(1)
-    assert render_go(template, messages[:-1] if kind == "mistral" else messages) == got
+    assert render_go(template, messages) == got
     stops = re.findall(r'PARAMETER stop "(.*)"', modelfile)
     assert tok_kind.end_of_turn in stops and tok_kind.eos in stops
     assert "ollama create" in (tmp_path / "out" / "README.md").read_text()
@@ -317,7 +329,7 @@ def test_refusals_name_the_problem_and_the_way_out(llama_run, tmp_path):
 
     tiny_gpt2 = tmp_path / "gpt2"
     tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50)).save_pretrained(tiny_gpt2)
-    with pytest.raises(ExportError, match="supported: llama, mistral, qwen2"):
+    with pytest.raises(ExportError, match="supported: gemma, llama, mistral, phi3, qwen2"):
         export_gguf(tiny_gpt2, tmp_path / "o", progress=False)
 
     no_tokenizer = tmp_path / "notok"
@@ -340,3 +352,45 @@ def test_cli_export_refuses_a_non_empty_out_unless_forced(llama_run, tmp_path, c
     assert main(["export", str(llama_run), "--out", str(out), "--force", "--dtype", "f16"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "run-f16.gguf"]
     assert main(["export", str(llama_run), "--out", str(llama_run), "--force"]) == 2  # never over its own input
+
+
+def test_family_refusals_say_why_and_what_to_do(tmp_path):
+    long_rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                 "original_max_position_embeddings": 64}
+    phi3 = save_base(KINDS["phi3"], tmp_path / "phi3", rope_parameters=long_rope, head_dim=16)
+    with pytest.raises(ExportError, match="rope_type 'longrope'.*supported: default.*convert_hf_to_gguf"):
+        export_gguf(phi3, tmp_path / "o", progress=False)
+
+    gemma = save_base(KINDS["gemma"], tmp_path / "gemma", hidden_act="relu")
+    with pytest.raises(ExportError, match="hidden_act 'relu'.*gelu_pytorch_tanh"):
+        export_gguf(gemma, tmp_path / "o", progress=False)
+
+    make_run(tmp_path / "g", "gemma", targets=["q_proj", "lm_head"])  # tied embeddings, lm_head adapted
+    for fmt in ("gguf", "gguf-lora"):
+        with pytest.raises(ExportError, match="adapts lm_head.*Train without lm_head") as info:
+            export_gguf(tmp_path / "g" / "run", tmp_path / "o", fmt=fmt, progress=False)
+        assert "--format gguf" not in str(info.value)  # merged cannot hold it either
+
+    untied = save_base(KINDS["gemma"], tmp_path / "untied", tie_word_embeddings=False)
+    with pytest.raises(ExportError, match="own lm_head.weight.*tied embeddings"):
+        export_gguf(untied, tmp_path / "o", progress=False)
+
+
+def test_adapted_lm_head_of_tied_embeddings_is_its_own_output_tensor(tmp_path):
+    """LoRA on lm_head of a model with tied embeddings: the input embedding stays W, the output becomes
+    W + s·BA, so the GGUF gets `output.weight` beside `token_embd.weight`. The oracle is the adapter applied
+    unmerged (merging into the one shared matrix would change the embedding too)."""
+    make_run(tmp_path, "llama", targets=["q_proj", "lm_head"])  # KINDS["llama"] ties its embeddings
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    load_lora_adapter(model, tmp_path / "run" / "adapter")
+    result = export_gguf(tmp_path / "run", tmp_path / "out", dtype="f32", progress=False)
+    assert {"token_embd.weight", "output.weight"} <= {t.name for t in gguf.GGUFReader(result.files[0]).tensors}
+    ids = tf.AutoTokenizer.from_pretrained(tmp_path / "base")(TEXTS[0])["input_ids"]
+    runtime = LlamaCpp(result.files[0])
+    try:
+        with torch.no_grad():
+            assert rel_err(runtime.logits(ids), model(torch.tensor([ids])).logits[0]) < 1e-3
+    finally:
+        runtime.close()
+    with pytest.raises(ExportError, match="adapts lm_head of a model with tied embeddings.*--format gguf"):
+        export_gguf(tmp_path / "run", tmp_path / "lora", fmt="gguf-lora", progress=False)

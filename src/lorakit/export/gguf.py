@@ -24,6 +24,7 @@ import torch
 from lorakit.export.gguf_arch import (
     Family,
     Hparams,
+    check_rope,
     family_of,
     gguf_name,
     hparams_of,
@@ -93,11 +94,12 @@ def export_gguf(
         _refuse_inexpressible(inputs, dtype)
     ckpt, config = BaseCheckpoint(inputs.base_dir), load_config(inputs.base_dir)
     family, hp = family_of(config), hparams_of(config)
+    check_rope(hp, family)
     adapter = read_adapter(inputs.adapter_dir) if inputs.adapter_dir else None
     if adapter is not None:
         check_adapter_fits(adapter, ckpt, config, check_base)
         if fmt == "gguf-lora":
-            _refuse_inexpressible_tensors(adapter, ckpt)
+            _refuse_inexpressible_tensors(adapter, ckpt, family)
     tokenizer = load_tokenizer(inputs.base_dir)
     chat = chat_family(inputs.chat_template or tokenizer.chat_template)
     vocab = build_vocab(tokenizer, hp.n_vocab, inputs.chat_template, chat.end_of_turn if chat else None)
@@ -113,7 +115,8 @@ def export_gguf(
         write_ollama_files(tmp, inputs.name, model_file.name, lora_file.name if lora_file else None, chat,
                            tokenizer.eos_token, dtype)
     files = [out / model_file.name, *([out / lora_file.name] if lora_file else [])]
-    return ExportResult(out, files, family.gguf_arch, len(adapter.factors) if adapter else 0, _notes(inputs, adapter, fmt, chat))
+    notes = _notes(inputs, adapter, fmt, chat) + vocab.notes
+    return ExportResult(out, files, family.gguf_arch, len(adapter.factors) if adapter else 0, notes)
 
 
 def _require_gguf() -> None:
@@ -153,7 +156,7 @@ def _notes(inputs: ExportInputs, adapter: Adapter | None, fmt: str, chat: ChatFa
     if adapter is not None:
         how = "merged into the base's own weights" if fmt == "gguf" else "as a GGUF LoRA"
         notes.append(f"adapter: {adapter.path} ({len(adapter.factors)} modules, scaling {adapter.scaling:g}) {how}")
-    notes.append(f"chat template: {chat.name}" if chat else "chat template: not ChatML/Llama-3/Mistral; see the NOTE in Modelfile")
+    notes.append(f"chat template: {chat.name}" if chat else "chat template: not ChatML/Llama-3/Mistral/Gemma/Phi-3; see the NOTE in Modelfile")
     return notes
 
 
@@ -182,7 +185,7 @@ def write_model(path: Path, ckpt: BaseCheckpoint, family: Family, hp: Hparams, v
     writer.add_file_type(_file_type(dtype))
     if dtype == "q8_0":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    write_hparams(writer, hp)
+    write_hparams(writer, hp, family)
     vocab.write(writer)
     _stream(writer, plan, progress, f"{path.name}")
 
@@ -201,6 +204,8 @@ def plan_tensors(ckpt: BaseCheckpoint, family: Family, hp: Hparams, adapter: Ada
     lm_head_trained = adapter is not None and ("lm_head" in adapter.factors or "lm_head.weight" in adapter.full)
     if "lm_head.weight" not in ckpt and lm_head_trained:  # tied embeddings whose output side was adapted
         sources["lm_head.weight"] = "model.embed_tokens.weight"
+    if "lm_head.weight" in sources and not family.separate_output:
+        _refuse_output(family, ckpt, adapter)
     for hf_name in sorted(sources, key=_layer_order):
         gname = gguf_name(hf_name)
         if gname is None:
@@ -221,10 +226,24 @@ def _merged_values(ckpt: BaseCheckpoint, hf_name: str, read_name: str, adapter: 
         delta = adapter.delta(hf_name.removesuffix(".weight"), w) if adapter and hf_name.endswith(".weight") else None
         if delta is not None:
             w = w + delta  # W' = W + s·BA (DoRA: m/n ⊙ (W + s·BA)), in float32 as lorakit's own merge
+        if family.norm_plus_one and gname.endswith("norm.weight"):
+            w = w + 1  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by the stored weight
         heads = qk_heads(gname, hp) if family.permute_qk else None
         return permute_rows(w, heads) if heads else w
 
     return values
+
+
+def _refuse_output(family: Family, ckpt: BaseCheckpoint, adapter: Adapter | None) -> None:
+    """llama.cpp's graph for `family` has no output tensor of its own: it always multiplies by token_embd."""
+    if "lm_head.weight" in ckpt:
+        raise ExportError(f"{ckpt.dir} has its own lm_head.weight, but llama.cpp's {family.gguf_arch} graph always "
+                          "reads the output projection from the token embeddings (token_embd), so a separate one "
+                          "cannot be written; only checkpoints with tied embeddings can be exported")
+    raise ExportError(f"{adapter.path if adapter else ckpt.dir} adapts lm_head, but the model ties it to the "
+                      f"embeddings and llama.cpp's {family.gguf_arch} graph always reads the output projection from "
+                      "token_embd, so the adapted lm_head cannot be written. Train without lm_head in "
+                      "lora.target_modules")
 
 
 def _layer_order(hf_name: str) -> tuple[int, str]:
@@ -283,11 +302,13 @@ def _refuse_inexpressible(inputs: ExportInputs, dtype: str) -> None:
                           + (" (DoRA included: the merged GGUF applies m/‖W + s·BA‖)" if config.get("use_dora") else ""))
 
 
-def _refuse_inexpressible_tensors(adapter: Adapter, ckpt: BaseCheckpoint) -> None:
+def _refuse_inexpressible_tensors(adapter: Adapter, ckpt: BaseCheckpoint, family: Family) -> None:
     if adapter.full:
         raise ExportError(f"{adapter.path} cannot be written as a GGUF LoRA: tensors {sorted(adapter.full)[:5]} were "
                           "trained in full, and GGUF LoRA holds only low-rank pairs. Export it merged: --format gguf")
     if "lm_head" in adapter.factors and "lm_head.weight" not in ckpt:
+        if not family.separate_output:
+            _refuse_output(family, ckpt, adapter)  # merged cannot hold it either
         raise ExportError(f"{adapter.path} adapts lm_head of a model with tied embeddings; llama.cpp's base GGUF has no "
                           "separate output tensor to apply it to. Export it merged: --format gguf")
 

@@ -10,7 +10,12 @@ rows of each head,
 moves row i + j·d/2 to 2i + j, so llama.cpp's rotation of adjacent rows is Hugging Face's rotation of the
 half-split ones; q·k is unchanged because q and k are permuted alike. A bias (or a LoRA B factor, whose
 rows are W's output rows) is permuted the same way. K uses the KV head count (grouped-query attention).
-Qwen2 runs with NEOX rope (rotate_half) in llama.cpp, so its weights go through unchanged.
+Qwen2, Gemma and Phi-3 run with NEOX rope (rotate_half) in llama.cpp, so their weights go through unchanged.
+
+Gemma's RMSNorm scales by (1 + w); llama.cpp's by w, so its converter stores w + 1, and so do we. Gemma's
+embedding scale √hidden, its GeGLU (tanh GELU) and the tied output are the runtime's, not the file's.
+Phi-3's fused projections stay fused: qkv_proj (Q rows, then K, then V) is `attn_qkv`, gate_up_proj (gate
+rows, then up) is `ffn_up`, which llama.cpp's phi3 graph splits the same way.
 """
 
 from __future__ import annotations
@@ -31,12 +36,17 @@ class Family:
 
     gguf_arch: str  # general.architecture, also the prefix of the hyperparameter keys
     permute_qk: bool  # llama.cpp's normal rope needs the Q/K rows reordered (see the module docstring)
+    norm_plus_one: bool = False  # RMSNorm weights stored as 1 + w (Gemma)
+    separate_output: bool = True  # llama.cpp loads an `output.weight` beside tied embeddings (Gemma's does not)
+    rope_types: tuple[str, ...] = ("default", "linear", "yarn", "llama3")  # rope_parameters.rope_type exported
 
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", permute_qk=True),
     "mistral": Family("llama", permute_qk=True),  # llama.cpp loads Mistral as `llama` (as its converter does)
     "qwen2": Family("qwen2", permute_qk=False),
+    "gemma": Family("gemma", permute_qk=False, norm_plus_one=True, separate_output=False, rope_types=("default",)),
+    "phi3": Family("phi3", permute_qk=False, rope_types=("default",)),
 }
 
 _GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
@@ -44,6 +54,7 @@ _LAYER_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",  # Phi-3's fused projections
 }
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 _SKIPPED = re.compile(r".*rotary_emb\.inv_freq$")  # recomputed by llama.cpp, never stored in GGUF
@@ -57,7 +68,18 @@ def family_of(config: Any) -> Family:
             f"exported to GGUF yet; supported: {', '.join(sorted(FAMILIES))}. For other families, export the merged "
             "model with `lorakit merge` and convert it with llama.cpp's convert_hf_to_gguf.py"
         )
+    _check_activation(config, model_type)
     return FAMILIES[model_type]
+
+
+def _check_activation(config: Any, model_type: str) -> None:
+    """llama.cpp's graphs hard-code the activation: SiLU (SwiGLU), and tanh-GELU (GeGLU) for Gemma."""
+    want = ("gelu_pytorch_tanh", "gelu") if model_type == "gemma" else ("silu", "swish")  # HF Gemma runs "gelu" as tanh
+    for key in ("hidden_act", "hidden_activation"):  # transformers 4.x Gemma read hidden_activation first
+        act = getattr(config, key, None)
+        if act is not None and act not in want:
+            raise ExportError(f"config.json {key} {act!r}: llama.cpp's {model_type} graph computes {want[0]}, so the "
+                              "GGUF would compute another function; only checkpoints with that activation can be exported")
 
 
 def gguf_name(hf_name: str) -> str | None:
@@ -72,7 +94,7 @@ def gguf_name(hf_name: str) -> str | None:
         return f"blk.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
     raise ExportError(f"tensor {hf_name!r} has no llama.cpp counterpart in this exporter (known: embed_tokens, norm, "
                       f"lm_head and per layer {', '.join(_LAYER_NAMES)}); this checkpoint is not a plain "
-                      "Llama/Qwen2/Mistral layout")
+                      "Llama/Mistral/Qwen2/Gemma/Phi-3 layout")
 
 
 def permute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -108,11 +130,13 @@ class Hparams:
     n_head: int
     n_head_kv: int
     head_dim: int
+    n_rot: int  # rotated dimensions per head: head_dim · partial_rotary_factor
     n_ctx: int
     rms_eps: float
     rope_theta: float
     rope: dict[str, Any]  # rope_type and its parameters ({'rope_type': 'default'} when unscaled)
     tied: bool
+    sliding_window: int | None  # Phi-3's attention window; None: full attention
 
 
 def hparams_of(config: Any) -> Hparams:
@@ -120,16 +144,18 @@ def hparams_of(config: Any) -> Hparams:
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     rope.setdefault("rope_type", rope.get("type", "default"))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    partial = float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
     return Hparams(
         n_vocab=config.vocab_size, n_embd=config.hidden_size, n_layer=config.num_hidden_layers,
         n_ff=config.intermediate_size, n_head=n_head, n_head_kv=getattr(config, "num_key_value_heads", None) or n_head,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // n_head,
+        head_dim=head_dim, n_rot=int(head_dim * partial),
         n_ctx=config.max_position_embeddings, rms_eps=config.rms_norm_eps, rope_theta=float(theta), rope=rope,
-        tied=bool(getattr(config, "tie_word_embeddings", False)),
+        tied=bool(getattr(config, "tie_word_embeddings", False)), sliding_window=getattr(config, "sliding_window", None),
     )
 
 
-def write_hparams(writer: Any, hp: Hparams) -> None:
+def write_hparams(writer: Any, hp: Hparams, family: Family) -> None:
     """The `<arch>.*` keys of llama.cpp's loader (writer: a gguf.GGUFWriter created with the arch)."""
     writer.add_vocab_size(hp.n_vocab)
     writer.add_context_length(hp.n_ctx)
@@ -140,17 +166,31 @@ def write_hparams(writer: Any, hp: Hparams) -> None:
     writer.add_head_count_kv(hp.n_head_kv)
     writer.add_layer_norm_rms_eps(hp.rms_eps)
     writer.add_rope_freq_base(hp.rope_theta)
-    writer.add_rope_dimension_count(hp.head_dim)
-    if hp.head_dim * hp.n_head != hp.n_embd:  # an explicit head_dim (e.g. Mistral-Nemo)
+    writer.add_rope_dimension_count(hp.n_rot)
+    if hp.head_dim * hp.n_head != hp.n_embd or family.gguf_arch == "gemma":  # an explicit head_dim (Mistral-Nemo, Gemma)
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)
-    _write_rope_scaling(writer, hp)
+    if family.gguf_arch == "phi3":  # 0 = full attention, as llama.cpp's converter writes it
+        writer.add_sliding_window(hp.sliding_window or 0)
+    _write_rope_scaling(writer, hp, family)
 
 
-def _write_rope_scaling(writer: Any, hp: Hparams) -> None:
+def check_rope(hp: Hparams, family: Family) -> None:
+    """Refuse a rope this exporter does not write for `family` (called before any weight is read)."""
+    kind = hp.rope["rope_type"]
+    if kind not in family.rope_types:
+        raise ExportError(f"rope_type {kind!r} (config.json rope_parameters/rope_scaling) cannot be exported for "
+                          f"{family.gguf_arch} yet; supported: {', '.join(family.rope_types)}"
+                          + (". Phi-3's long-context rope (longrope/su: per-frequency long and short factors and an "
+                             "attention factor) is not written by this exporter; convert the merged model (`lorakit "
+                             "merge`) with llama.cpp's convert_hf_to_gguf.py" if kind in ("longrope", "su") else ""))
+
+
+def _write_rope_scaling(writer: Any, hp: Hparams, family: Family) -> None:
     from gguf import RopeScalingType
 
     kind = hp.rope["rope_type"]
+    check_rope(hp, family)
     if kind in ("default", "llama3"):  # llama3: per-frequency factors, written as the rope_freqs tensor
         return
     if kind == "linear":

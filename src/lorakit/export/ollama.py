@@ -42,7 +42,16 @@ MISTRAL = ChatFamily(
     '{{- range .Messages }}{{ if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
     '{{ else if eq .Role "assistant" }}{{ .Content }}{eos}{{ end }}{{ end }}',
 )
-FAMILIES = (CHATML, LLAMA3, MISTRAL)
+GEMMA = ChatFamily(
+    "gemma", ("<start_of_turn>", "<end_of_turn>"), "<end_of_turn>", ("<start_of_turn>",),
+    '{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
+    "{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n",
+)
+PHI3 = ChatFamily(
+    "phi3", ("<|user|>", "<|assistant|>", "<|end|>"), "<|end|>", ("<|user|>", "<|assistant|>", "<|system|>"),
+    "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
+)
+FAMILIES = (CHATML, LLAMA3, MISTRAL, GEMMA, PHI3)
 
 
 def chat_family(template: str | None) -> ChatFamily | None:
@@ -74,7 +83,7 @@ def modelfile(model_file: str, adapter_file: str | None, family: ChatFamily | No
         lines += [f"# chat template family: {family.name} (the template used in training, in Go syntax)",
                   f'TEMPLATE """{go_template(family, eos)}"""']
     else:
-        lines.append("# NOTE: the chat template is not one lorakit can translate (ChatML, Llama-3, Mistral), so there is no "
+        lines.append("# NOTE: the chat template is not one lorakit can translate (ChatML, Llama-3, Mistral, Gemma, Phi-3), so there is no "
                      "TEMPLATE line: Ollama uses the GGUF's tokenizer.chat_template if it recognizes it. Check the prompt "
                      "with `ollama show --template NAME` and add a TEMPLATE here if it differs from training.")
     lines += [f'PARAMETER stop "{stop}"' for stop in stop_tokens(family, eos)]

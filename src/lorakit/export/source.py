@@ -164,7 +164,7 @@ def check_adapter_fits(adapter: Adapter, base: BaseCheckpoint, config: Any, chec
         _check_fingerprint(adapter.path, config)
     problems = []
     for module, (A, B) in adapter.factors.items():
-        name = f"{module}.weight"
+        name = _tied(f"{module}.weight", base)
         if name not in base:
             problems.append(f"{module}: no weight {name} in the base checkpoint")
             continue
@@ -173,12 +173,19 @@ def check_adapter_fits(adapter: Adapter, base: BaseCheckpoint, config: Any, chec
             problems.append(f"{module}: base weight is ({out_f}, {in_f}) but lora_A is {tuple(A.shape)} "
                             f"and lora_B {tuple(B.shape)}")
     for name, tensor in adapter.full.items():
+        name = _tied(name, base)
         if name not in base or base.shape(name) != tuple(tensor.shape):
             problems.append(f"{name}: trained in full with shape {tuple(tensor.shape)}, but the base has "
                             f"{base.shape(name) if name in base else 'no such tensor'}")
     if problems:
         raise ExportError(f"adapter {adapter.path} does not fit the base {base.dir} (trained for another base?):\n  - "
                           + "\n  - ".join(problems[:20]))
+
+
+def _tied(name: str, base: BaseCheckpoint) -> str:
+    """lm_head.weight of a checkpoint with tied embeddings is stored once, as the embedding matrix."""
+    tied = name == "lm_head.weight" and name not in base and "model.embed_tokens.weight" in base
+    return "model.embed_tokens.weight" if tied else name
 
 
 def _check_fingerprint(adapter_dir: Path, config: Any) -> None:
