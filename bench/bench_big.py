@@ -181,12 +181,16 @@ def _trainer(spec: dict):
     else:
         from lorakit.lora import inject_lora
         from lorakit.loss import causal_lm_loss_sum
-        from lorakit.models import load_base
+        from lorakit.models import load_model
+        from lorakit.quant import load_quantized_model
+        from lorakit.runtime.devices import pick_matmul_dtype
 
-        # as `lorakit train` loads it: an fp32 model; NF4 matmuls in quant.compute_dtype (auto: bf16 where fast)
-        quant = {"lorakit-lora": None, "lorakit-qlora": QuantConfig(),
-                 "lorakit-qlora-fp32": QuantConfig(compute_dtype="float32")}[stack]
-        model, _ = load_base(spec["model_dir"], dtype=torch.float32, quant=quant)
+        if stack == "lorakit-lora":
+            model = load_model(spec["model_dir"], dtype=torch.float32)
+        else:  # as `lorakit train` (models.load_base) loads it: an fp32 model, NF4 matmuls in quant.compute_dtype
+            quant = QuantConfig(compute_dtype="float32" if stack.endswith("fp32") else "auto")
+            matmul = pick_matmul_dtype(quant.compute_dtype, "cpu", torch.float32)  # auto: bf16 where bf16 is fast
+            model = load_quantized_model(spec["model_dir"], quant_config=quant, matmul_dtype=matmul)
         inject_lora(model, LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=0.0, target_modules="all-linear"))
 
         def loss_fn(ids):
@@ -342,7 +346,7 @@ def plan(args: argparse.Namespace) -> list[list[dict]]:
     if args.model == "8b":  # the load peak is the step process's VmHWM before its first step
         return [[{"kind": "step", "stack": "lorakit-qlora", "seqs": [256], "steps": {"256": args.steps_8b},
                   "warmup": 1}]]
-    stacks = [s for s in STACKS if args.bf16 or not s.endswith(("fp32", "bf16"))]
+    stacks = args.stacks or list(STACKS)
     groups = [[{"kind": "step", "stack": s, "seqs": args.seqs, "steps": steps, "warmup": 1, "forward": True}
                for s in stacks]]
     if args.loads:
@@ -414,8 +418,7 @@ def main() -> None:
     r.add_argument("--steps-8b", type=int, default=2)
     r.add_argument("--loads", action=argparse.BooleanOptionalAction, default=True, help="the load-only processes")
     r.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True)
-    r.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="also lorakit QLoRA with fp32 NF4 matmuls and PEFT + bnb with bf16 compute")
+    r.add_argument("--stacks", nargs="+", choices=list(STACKS), help="step processes to run (default: all)")
     r.add_argument("--json", type=Path, required=True)
     rd = sub.add_parser("render")
     rd.add_argument("runs", type=Path, nargs="+")
