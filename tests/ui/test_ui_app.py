@@ -104,6 +104,17 @@ def test_run_page_data(runs):
     assert "method: lora" in data["config_yaml"] and data["summary"]["status"] == "interrupted"
 
 
+def test_measured_memory_appears_once_the_run_writes_its_summary(runs):
+    """The advice is cached, but not past the summary: a stop (or the end) writes the measured peak into
+    summary.json without touching config.yaml, and the run page asks again when the status changes."""
+    c = client(runs)
+    ask = lambda: c.get("/api/run/advice", params={"id": "crashed"}).json()  # noqa: E731
+    assert ask()["measured_bytes"] is None  # the advisor's own error (no such base) is beside the point here
+    (runs / "crashed" / "summary.json").write_text(json.dumps({"status": "interrupted", "steps": 4,
+                                                               "peak_memory_bytes": 123456789, "device": "cpu"}))
+    assert ask()["measured_bytes"] == 123456789 and ask()["device"] == "cpu"
+
+
 def test_form_reports_every_problem_with_the_cli_messages(runs):
     c = client(runs)
     defaults = c.get("/api/form").json()

@@ -1,2 +1,3 @@
 """Runtime foundations: crash-safe files (`atomic`), devices and dtypes (`devices`), torch.distributed
-(`distributed`) and training checkpoints (`checkpoint`). Nothing here imports a lorakit module above it."""
+(`distributed`), training checkpoints (`checkpoint`) and Ctrl-C at a step boundary (`interrupt`). Nothing
+here imports a lorakit module above it."""

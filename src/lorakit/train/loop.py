@@ -60,6 +60,7 @@ from lorakit.runtime.distributed import (
     sharded,
     world_size,
 )
+from lorakit.runtime.interrupt import StopRequest
 from lorakit.train.loggers import Reporters, open_reporters
 from lorakit.train.select import Selection
 from lorakit.train.setup import BatchPlan, build_optimizer, build_scheduler, total_steps
@@ -99,6 +100,7 @@ class Loop:
                                 "collective); use train.parallel: ddp, or run `lorakit eval` on the checkpoints")
         self.window = {"loss": 0.0, "tokens": 0, "steps": 0, "start": time.perf_counter(), "grad_norm": 0.0}
         self.stop_reason = "completed"
+        self.stopped_at: Path | None = None  # the checkpoint a Ctrl-C saved (see run)
         self.reporters = Reporters([])  # train.report_to trackers, opened by run() on rank 0
 
     # ----- one optimizer step
@@ -280,7 +282,8 @@ class Loop:
     # ----- the run
 
     def run(self) -> None:
-        tc = self.config.train
+        """Train until max_steps (or early stopping). Ctrl-C stops at the next step boundary with a checkpoint
+        there and raises KeyboardInterrupt (lorakit.runtime.interrupt); `stopped_at` names that checkpoint."""
         self.started = time.perf_counter()
         self.base_elapsed = self.state.elapsed_s
         stream = self.plan.stream(self.state.micro_batches)
@@ -289,38 +292,17 @@ class Loop:
         metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") if is_main() else None
         if is_main():
             self.reporters = open_reporters(self.config, self.run_dir, self.state.step)
+        stop = StopRequest(enabled=self.world == 1)  # NOTE: across ranks a stop would have to be agreed on
         try:
-            while self.state.step < self.total:
-                epoch_before = self.state.micro_batches // self.plan.per_epoch
-                epoch = self.step(stream)
-                bar.update(1)
-                row = None
-                if self.state.step % tc.log_every == 0 or self.state.step == self.total:
-                    row = self.log_metrics(epoch)
-                epoch_ended = self.state.micro_batches // self.plan.per_epoch > epoch_before
-                should_stop = False
-                if (tc.eval_every and self.state.step % tc.eval_every == 0) or epoch_ended or self.state.step == self.total:
-                    started = time.perf_counter()
-                    eval_value = self.evaluate()
-                    more = self.evaluate_more()
-                    if eval_value is not None or more:
-                        row = row or {"step": self.state.step, "epoch": round(epoch, 4)}
-                        row |= ({"eval_loss": eval_value} if eval_value is not None else {}) | more
-                        row["eval_time_s"] = round(time.perf_counter() - started, 3)
-                        should_stop = self.record_eval(row)
-                if row is not None:
-                    self.record_row(row, metrics, bar)
-                if tc.save_every and self.state.step % tc.save_every == 0:
-                    self.checkpoint()
-                if should_stop:
-                    self.stop_reason = (f"early stopping: no {self.selection.metric} improvement in "
-                                        f"{tc.early_stopping_patience} evals")
-                    break
+            with stop:
+                while self.state.step < self.total:
+                    if stop.requested:  # between two steps: everything --resume reads says the same step
+                        raise KeyboardInterrupt
+                    if self.one_step(stream, metrics, bar):
+                        break
         except KeyboardInterrupt:
             self.stop_reason = "interrupted"
-            if self.world == 1:  # NOTE: across ranks a checkpoint is collective; an interrupt may hit one rank only
-                print(f"interrupted at step {self.state.step}: saved {self.checkpoint()}; continue with --resume",
-                      file=sys.stderr)
+            self.on_interrupt(stop)
             raise
         finally:
             bar.close()
@@ -328,6 +310,46 @@ class Loop:
                 metrics.close()
             self.reporters.close(self.stop_reason)
             self.state.elapsed_s = self.elapsed()
+
+    def one_step(self, stream: Iterator[tuple[float, list[Any]]], metrics: Any, bar: Any) -> bool:
+        """One optimizer step with its metrics line, eval and checkpoint; True when early stopping says stop."""
+        tc = self.config.train
+        epoch_before = self.state.micro_batches // self.plan.per_epoch
+        epoch = self.step(stream)
+        bar.update(1)
+        row = None
+        if self.state.step % tc.log_every == 0 or self.state.step == self.total:
+            row = self.log_metrics(epoch)
+        epoch_ended = self.state.micro_batches // self.plan.per_epoch > epoch_before
+        should_stop = False
+        if (tc.eval_every and self.state.step % tc.eval_every == 0) or epoch_ended or self.state.step == self.total:
+            started = time.perf_counter()
+            eval_value = self.evaluate()
+            more = self.evaluate_more()
+            if eval_value is not None or more:
+                row = row or {"step": self.state.step, "epoch": round(epoch, 4)}
+                row |= ({"eval_loss": eval_value} if eval_value is not None else {}) | more
+                row["eval_time_s"] = round(time.perf_counter() - started, 3)
+                should_stop = self.record_eval(row)
+        if row is not None:
+            self.record_row(row, metrics, bar)
+        if tc.save_every and self.state.step % tc.save_every == 0:
+            self.checkpoint()
+        if should_stop:
+            self.stop_reason = (f"early stopping: no {self.selection.metric} improvement in "
+                                f"{tc.early_stopping_patience} evals")
+        return should_stop
+
+    def on_interrupt(self, stop: StopRequest) -> None:
+        """After a Ctrl-C between two steps: a checkpoint there (`stopped_at`), for --resume. Not after a second
+        Ctrl-C mid-step (the state may be half an update), nor under torchrun (a checkpoint is collective)."""
+        if stop.requested and not stop.forced:
+            self.stopped_at = self.checkpoint()
+            print(f"interrupted at step {self.state.step}: saved {self.stopped_at}; continue with --resume",
+                  file=sys.stderr)
+        elif stop.forced:
+            print(f"stopped at once, mid-step (a second Ctrl-C): nothing new saved; the newest checkpoint is "
+                  f"{newest_checkpoint(self.run_dir) or 'none'}", file=sys.stderr)
 
     def record_row(self, row: dict[str, Any], metrics: Any, bar: Any) -> None:
         """One metrics line: to metrics.jsonl (rank 0), the history (summary, plot) and the progress bar."""

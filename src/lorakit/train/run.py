@@ -100,13 +100,30 @@ def _train(config: RunConfig, device: torch.device, claim: RunDirClaim, progress
         loop.resume()
     if is_main():  # once the checkpoint has loaded: a refused or failed resume leaves config.yaml as it was
         dump_yaml(config, run_dir / "config.yaml")  # resolved: data paths and num_labels filled in
-    run_loop(loop)
+    try:
+        run_loop(loop)
+    except KeyboardInterrupt:
+        save_stopped(loop, fingerprint, device)
+        raise
     adapter_dir = save_outputs(loop, fingerprint)
     summary = write_summary(loop, adapter_dir, device)
     result = TrainResult(run_dir, adapter_dir, summary, model, tokenizer, rank())
     if config.eval.at_end:
         evaluate_at_end(result, config, progress)
     return result
+
+
+def save_stopped(loop: Loop, fingerprint: dict[str, Any] | None, device: torch.device) -> None:
+    """After a Ctrl-C (or the dashboard's Stop) between two steps: what the run has learned so far, as a finished
+    run leaves it -- adapter/ (model/), loss.png, summary.json with status "interrupted" and the measured peak
+    memory -- so it can be chatted with, evaluated or exported before (or without) --resume. Nothing after a
+    second Ctrl-C mid-step, or under torchrun (see Loop.on_interrupt). No eval at the end: the user said stop."""
+    if loop.stopped_at is None:
+        return
+    adapter_dir = save_outputs(loop, fingerprint)
+    write_summary(loop, adapter_dir, device)
+    if is_main():
+        print(f"the weights at step {loop.state.step}: {adapter_dir} (summary.json: interrupted)", file=sys.stderr)
 
 
 def evaluate_at_end(result: TrainResult, config: RunConfig, progress: bool) -> None:

@@ -62,7 +62,7 @@ class UIState:
     form: NewRunForm
     hub: ChatHub
     resolve_base: Callable[[str], str]
-    advice: dict[tuple[Path, float], dict[str, Any]] = field(default_factory=dict)
+    advice: dict[tuple[Path, float, Any], dict[str, Any]] = field(default_factory=dict)
 
     def row(self, run_dir: Path) -> dict[str, Any]:
         return run_row(self.root, run_dir, self.trainer.child_state(run_dir), self.trainer.started(run_dir))
@@ -110,14 +110,16 @@ def api_run(s: UIState, run_id: str) -> dict[str, Any]:
 
 
 def api_advice(s: UIState, run_id: str) -> dict[str, Any]:
-    """Predicted (advisor, from config.json) vs measured (summary.json) peak memory, cached per config."""
+    """Predicted (advisor, from config.json) vs measured (summary.json) peak memory, cached per config and
+    summary: a run that ends or stops writes its summary without touching its config."""
     run_dir = s.root.resolve(run_id)
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise UIError(f"{run_id} has no config.yaml", 404)
-    key = (run_dir, path.stat().st_mtime)
+    summary = current_summary(run_dir)
+    key = (run_dir, path.stat().st_mtime, (summary or {}).get("peak_memory_bytes"))
     if key not in s.advice:
-        s.advice[key] = _advice(s, path, current_summary(run_dir) or {})
+        s.advice[key] = _advice(s, path, summary or {})
     return s.advice[key]
 
 

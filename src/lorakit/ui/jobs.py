@@ -4,8 +4,9 @@ Training: `python -m lorakit train CONFIG --quiet [--resume]`, a separate proces
 stdout and stderr appended to <run>/train.log. The UI never waits on it and never blocks on it; it survives
 the UI (a Ctrl-C in the UI's terminal goes to the UI's process group, not to the run's), and the UI
 finds it again after a restart through the run's lock file. Stop sends SIGINT, exactly a Ctrl-C: the
-trainer saves a checkpoint, writes its outputs and summary (status "interrupted"), and `--resume` continues
-from that checkpoint.
+trainer finishes the step in flight, saves a checkpoint there, writes its outputs and summary (status
+"interrupted"; lorakit.runtime.interrupt), and `--resume` continues from that checkpoint with the next step.
+A Stop before training has started (the model still loading) ends the process with nothing to save.
 
 Export: merge (a standard transformers checkpoint, `lorakit.export.merge_stream`) or GGUF
 (`lorakit.export.gguf`) in a thread of the UI. Both write into a temp folder beside the output, renamed

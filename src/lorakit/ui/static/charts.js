@@ -88,6 +88,7 @@ class LineChart {
   render() {
     const total = this.series.reduce((n, s) => n + this.visible(s).length, 0);
     this.svg.dataset.points = total;
+    this.svg.dataset.lastStep = Math.max(0, ...this.series.flatMap((s) => this.visible(s).map((p) => p[0])));
     this.svg.replaceChildren();
     const d = this.domain();
     if (!d) {
