@@ -15,7 +15,8 @@ from torch import nn
 from conftest import build_tiny, randomize_lora
 from lorakit import LoraConfig, QuantConfig, adapter_rows, inject_lora, quantize_model
 from lorakit.generate import RunningBatch
-from lorakit.lora import LoraLinear, delete_adapter, lora_layers, piece_rank
+from lorakit.lora import LoraLinear, delete_adapter, lora_layers
+from lorakit.lora_rows import piece_rank
 from lorakit.quant import NF4Linear
 
 RANKS = [4, 8, 12, 16, 24, 32, 48, 64]
