@@ -271,6 +271,8 @@ class LoraLinear(nn.Module):
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
             return dora.dora_forward(x, self.base_layer, A, B, self.lora_magnitude_vector[name],
                                      self.lora_dropout[name], self.scaling[name])
+        if self.row_plan is not None and not self.disabled:
+            return self._forward_rows(x)
         fused = self._fused_forward(x)
         if fused is not None:
             return fused
@@ -279,8 +281,6 @@ class LoraLinear(nn.Module):
             if self.merged_adapters:
                 raise RuntimeError("adapters are merged into the base weights; unmerge before disabling them")
             return y
-        if self.row_plan is not None:
-            return self._forward_rows(x, y)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 y = y + self.delta(x, name).to(y.dtype)
@@ -325,11 +325,16 @@ class LoraLinear(nn.Module):
             return _lora_matmul(x, x_lora, A, B, bias, base, self.scaling[name])[0]
         return _LoraMatmul.apply(x, x_lora, A, B, bias, base, self.scaling[name])
 
-    def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Row i of the batch gets adapter row_adapters[i] (None = base only). x: (B, ..., in), y = base(x)."""
+    def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Row i of the batch gets adapter row_adapters[i] (None = base only). x: (B, ..., in)."""
         plan = self.row_plan
         if len(plan.names) != x.shape[0]:
             raise ValueError(f"adapter_rows has {len(plan.names)} names for a batch of {x.shape[0]} rows")
+        if plan.uniform is not None:  # every row on one adapter: base + its update in one fused matmul
+            fused = self._fused_forward(x)
+            if fused is not None:
+                return fused
+        y = self.base_layer(x)
         if not plan.adapters:
             return y  # no row's adapter targets this layer
         if plan.grouped and not torch.is_grad_enabled():
@@ -643,36 +648,23 @@ def adapter_rows(model: nn.Module, names: Sequence[str | None], grouped: bool = 
     `grouped=False` runs the reference per-adapter loop (`LoraLinear._forward_rows_reference`) instead of
     the grouped matmuls; the results agree to rounding.
     """
-    unknown = sorted({n for n in names if n is not None} - set(adapter_configs(model)))
-    if unknown:
-        raise ValueError(f"unknown adapter(s) {unknown}; adapters here: {list(adapter_configs(model))}")
-    _refuse_dora_rows(model, names)
     found = _RowLayers.of(model)
+    plans = found.plans(tuple(names), grouped)
     merged = sorted({a for layer in found.layers for a in layer.merged_adapters})
     if merged:
         raise RuntimeError(f"adapter(s) {merged} are merged into the base weights; unmerge them before adapter_rows")
-    layers = []
-    for held, group in found.groups:
-        plan = found.plan(tuple(n if n in held else None for n in names), grouped)
-        for layer in group:
-            layer.row_plan = plan
-        layers += group
-    saved = [module for _, module in saved_modules(model)]
-    for module in saved:
-        module.row_adapters = list(names)
+    found.assign(plans, list(names))
     try:
         yield
     finally:
-        for layer in layers:
-            layer.row_plan = None
-        for module in saved:
-            module.row_adapters = None
+        found.assign(None, None)
 
 
 class _RowLayers:
-    """The LoRA layers of a model grouped by the adapters they hold, and recent RowPlans: what `adapter_rows`
-    would otherwise recompute (a walk over every module) on each decode step. Cached on the model and
-    valid while `model.lorakit_adapters` is the same dict: inject_lora, delete_adapter and merging replace it.
+    """The LoRA layers of a model grouped by the adapters they hold, its modules trained in full, and the
+    RowPlans of recent row names (checked once, when first seen): what `adapter_rows` would otherwise
+    recompute (two walks over every module) on each decode step. Cached on the model and valid while
+    `model.lorakit_adapters` is the same dict: inject_lora, delete_adapter and merging replace it.
     NOTE: wrapping or unwrapping layers by hand, outside lorakit.lora, is not seen; call
     `_RowLayers.forget(model)` after such surgery."""
 
@@ -681,11 +673,12 @@ class _RowLayers:
     def __init__(self, model: nn.Module):
         self.configs = getattr(model, "lorakit_adapters", None)
         self.layers = [layer for _, layer in lora_layers(model)]
+        self.saved = [module for _, module in saved_modules(model)]
         groups: dict[frozenset[str], list[LoraLinear]] = {}
         for layer in self.layers:
             groups.setdefault(frozenset(layer.lora_A.keys()), []).append(layer)
         self.groups = list(groups.items())
-        self.plans: dict[tuple[tuple[str | None, ...], bool], RowPlan] = {}
+        self._plans: dict[tuple[tuple[str | None, ...], bool], list[RowPlan]] = {}
 
     @classmethod
     def of(cls, model: nn.Module) -> _RowLayers:
@@ -699,20 +692,38 @@ class _RowLayers:
     def forget(model: nn.Module) -> None:
         model.__dict__.pop("_lorakit_row_layers", None)
 
-    def plan(self, names: tuple[str | None, ...], grouped: bool) -> RowPlan:
-        plan = self.plans.get((names, grouped))
-        if plan is None:
-            if len(self.plans) >= self.MAX_PLANS:
-                self.plans.clear()
-            plan = self.plans[(names, grouped)] = RowPlan(names, grouped)
-        return plan
+    def plans(self, names: tuple[str | None, ...], grouped: bool) -> list[RowPlan]:
+        """One RowPlan per group of layers (rows whose adapter a group does not hold see None there)."""
+        plans = self._plans.get((names, grouped))
+        if plans is None:
+            configs = self.configs or {}
+            unknown = sorted({n for n in names if n is not None} - set(configs))
+            if unknown:
+                raise ValueError(f"unknown adapter(s) {unknown}; adapters here: {list(configs)}")
+            _refuse_dora_rows(configs, names)
+            if len(self._plans) >= self.MAX_PLANS:
+                self._plans.clear()
+            masked = [tuple(n if n in held else None for n in names) for held, _ in self.groups]
+            made = {m: RowPlan(m, grouped) for m in dict.fromkeys(masked)}  # groups seeing the same names share one
+            plans = self._plans[(names, grouped)] = [made[m] for m in masked]
+        return plans
+
+    def assign(self, plans: list[RowPlan] | None, names: list[str | None] | None) -> None:
+        """Give every layer its group's plan (None: leave row mode). `row_plan` and `row_adapters` are plain
+        attributes: object.__setattr__ skips nn.Module's parameter/buffer/submodule bookkeeping, which
+        would cost more than the rest of this call on each decode step."""
+        for i, (_, group) in enumerate(self.groups):
+            plan = None if plans is None else plans[i]
+            for layer in group:
+                object.__setattr__(layer, "row_plan", plan)
+        for module in self.saved:
+            object.__setattr__(module, "row_adapters", names)
 
 
-def _refuse_dora_rows(model: nn.Module, names: Sequence[str | None]) -> None:
+def _refuse_dora_rows(configs: dict[str, LoraConfig], names: Sequence[str | None]) -> None:
     # NOTE: mixed rows add each row's s·x AᵀBᵀ to a shared base output (grouped matmuls); a DoRA row instead
     # rescales its whole output row by m/‖W + s·BA‖, so it cannot ride that path. A batch whose rows all use
     # one DoRA adapter runs DoRA's own forward; a mixed one is refused rather than computed wrongly.
-    configs = adapter_configs(model)
     dora_names = sorted({n for n in names if n is not None and getattr(configs.get(n), "use_dora", False)})
     if dora_names and len(set(names)) > 1:
         raise AdapterError(

@@ -101,14 +101,16 @@ class AdapterStack:
 
 def grouped_rows(x: torch.Tensor, y: torch.Tensor, plan: RowPlan, stack: AdapterStack) -> torch.Tensor:
     """y (B, ..., out) += each row's own s · x Aᵀ Bᵀ with two batched matmuls; x: (B, ..., in)."""
-    rows, p, width = x.shape[0], len(stack.pieces), plan.width
-    slots, live = plan.tensors(stack.pieces, x.device, stack.A.dtype)
-    x3 = x.reshape(rows, -1, x.shape[-1])  # (B, T, in)
-    xg = x3.index_select(0, slots).to(stack.A.dtype).view(p, -1, x.shape[-1])  # (p, w·T, in)
-    h = torch.bmm(xg, stack.A)  # (p, w·T, c)
+    rows, p, width, dtype = x.shape[0], len(stack.pieces), plan.width, stack.A.dtype
+    slots, live = plan.tensors(stack.pieces, x.device, dtype)
+    xg = x.reshape(rows, -1).index_select(0, slots)  # (p·w, T·in)
+    if xg.dtype != dtype:
+        xg = xg.to(dtype)
+    h = torch.bmm(xg.view(p, -1, x.shape[-1]), stack.A)  # (p, w·T, c)
     if live is not None:
-        h.view(p, width, x3.shape[1], -1).mul_(live)  # unused slots (copies of row 0) add nothing
-    delta = torch.bmm(h, stack.B)  # (p, w·T, out)
-    y = y.contiguous()
-    y.view(rows, -1).index_add_(0, slots, delta.view(p * width, -1).to(y.dtype))  # (B, T·out)
+        h.view(p, width, -1, h.shape[-1]).mul_(live)  # unused slots (copies of row 0) add nothing
+    delta = torch.bmm(h, stack.B).view(p * width, -1)  # (p·w, T·out)
+    if not y.is_contiguous():
+        y = y.contiguous()
+    y.view(rows, -1).index_add_(0, slots, delta if delta.dtype == y.dtype else delta.to(y.dtype))  # (B, T·out)
     return y
