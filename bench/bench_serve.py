@@ -326,7 +326,7 @@ def markdown(sizes: list[tuple[str, dict[str, dict], Result]], args: argparse.Na
         f"({hot.hot_requests} extra requests, counted in the row); zero errors means neither the loads nor the "
         "unloads disturbed a request.",
         "- ÷ merged is the case's throughput relative to the merged model. Mixed rows run grouped "
-        "(`lorakit.lora`, module docstring): per adapted layer one gather, two batched matmuls over the adapters' "
+        "(`lorakit.lora_rows`, module docstring): per adapted layer one gather, two batched matmuls over the adapters' "
         "rank pieces and one scatter, whatever the mix; what remains is mostly the low-rank FLOPs themselves "
         "(with rank padding) against the base's. The load is noisy here (other jobs share the cores): compare "
         "runs only within one table.", "",

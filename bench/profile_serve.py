@@ -1,12 +1,15 @@
-"""The server's engine in-process, without HTTP: decode tokens/s per case, and one mixed decode step profiled.
+"""The server's engine in-process, without HTTP: decode tokens/s per case, and decode steps profiled.
 
     python bench/profile_serve.py --sizes 1024x4,512x6 --threads 1 --repeats 5 --profile
 
 Builds the same models and adapters as bench/bench_serve.py (`build_world`), loads them the way the server
-does (`load_serving_base`, `AdapterBank`), and drives an `Engine` by hand (its thread is not started):
-submit --rows jobs, prefill them, then time --steps decode steps (`Engine._step`: forward, sampling,
-detokenizing, events), in wall time and in this thread's CPU time (one torch thread: the work is on this
-thread; CPU time is what other jobs on a shared machine disturb least), median and best run. Cases, measured alternately in every repetition (median reported):
+does (`load_serving_base`, `AdapterBank`), and drives one `Engine` per case by hand (their threads are not
+started): each repetition submits --rows jobs to every case's engine and prefills them, then takes --steps
+decode steps (`Engine._step`: forward, sampling, detokenizing, events) round-robin over the cases -- one
+step of each case in turn, the order rotating -- so that a change in the machine's load between cases falls
+on all of them alike. Time is wall and this thread's CPU time (one torch thread: the work is on this thread;
+CPU time is what other jobs on a shared machine disturb least), summed over a repetition's steps per case;
+median and best repetition reported. Cases:
 
     merged   adapter a1 merged into the base; every row on that model (no LoRA in the forward)
     single   base + adapters, every row on a1 (unmerged single-adapter decode)
@@ -14,8 +17,9 @@ thread; CPU time is what other jobs on a shared machine disturb least), median a
     mixed8   rows spread over a1..a8 (8 distinct adapters per forward)
 
 `--reference` adds single/mixed/mixed8 on the reference per-adapter loop (`adapter_rows(..., grouped=False)`),
-alternating with the rest. `--profile` prints torch.profiler's table (self CPU time) of --profile-steps mixed decode steps (divide by
-it for one step; `--profile-reference`: on the reference path).
+alternating with the rest. `--profile` prints torch.profiler's table (self CPU time) of --profile-steps decode
+steps of each of --profile-cases (default mixed; divide by --profile-steps for one step; `--profile-reference`:
+on the reference path).
 """
 
 from __future__ import annotations
@@ -44,9 +48,10 @@ CASES = {"merged": None, "single": ["a1"], "mixed": [None, "a1", "a2", "a3", "a4
          "mixed8": ["a1", "a2", "a3", "a4", "a5", "a6", "a7", "a8"]}
 
 
-def engines(world: dict, max_batch: int) -> dict:
-    """(engine, bank) for the merged model and for the base holding a1..a8."""
-    out = {}
+def engines(world: dict, max_batch: int, cases: list[str]) -> dict[str, tuple[Engine, AdapterBank]]:
+    """(engine, bank) per case: the merged model for `merged`, the base holding a1..a8 for the others (one
+    engine, and so one running batch, per case over the shared model)."""
+    loaded = {}
     for kind, base in (("merged", world["merged"]), ("lora", world["base"])):
         model, tokenizer = load_serving_base(ServeSettings(base=base, device="cpu", dtype="float32"))
         lock = threading.Lock()
@@ -54,7 +59,11 @@ def engines(world: dict, max_batch: int) -> dict:
         if kind == "lora":
             for name in CASES["mixed8"]:
                 bank.load(name, world["root"] / name, trusted=True)
-        out[kind] = (Engine(model, tokenizer, lock, bank.release, max_batch=max_batch), bank)
+        loaded[kind] = (model, tokenizer, lock, bank)
+    out = {}
+    for case in cases:
+        model, tokenizer, lock, bank = loaded["merged" if case == "merged" else "lora"]
+        out[case] = (Engine(model, tokenizer, lock, bank.release, max_batch=max_batch), bank)
     return out
 
 
@@ -71,12 +80,11 @@ def fill(engine: Engine, bank: AdapterBank, names: list, prompts: list[list[int]
     return time.perf_counter() - start
 
 
-def decode(engine: Engine, steps: int) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this thread) for `steps` decode steps. With one torch thread the
-    work runs on this thread, so CPU time is the figure that neighbours on a shared machine disturb least."""
+def step(engine: Engine) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this thread) of one decode step. With one torch thread the work runs
+    on this thread, so CPU time is the figure that neighbours on a shared machine disturb least."""
     wall, cpu = time.perf_counter(), time.thread_time()
-    for _ in range(steps):
-        engine._step()
+    engine._step()
     return time.perf_counter() - wall, time.thread_time() - cpu
 
 
@@ -97,41 +105,66 @@ def clear(engine: Engine) -> None:
     engine._drop(lambda job: job.done)
 
 
-def measure(world: dict, args: argparse.Namespace) -> dict:
-    built = engines(world, args.rows)
-    tok = built["lora"][0].tokenizer
-    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in world["prompts"]]
-    cases = {**CASES, **({f"{c}_ref": CASES[c] for c in ("single", "mixed", "mixed8")} if args.reference else {})}
-    times: dict[str, list[float]] = {c: [] for c in cases}
-    cpu: dict[str, list[float]] = {c: [] for c in cases}
-    prefill: dict[str, list[float]] = {c: [] for c in cases}
-    for rep in range(args.repeats + 1):  # the first round warms up
-        for case, names in cases.items():
-            engine, bank = built["merged" if case == "merged" else "lora"]
-            with reference_path(case.endswith("_ref")):
-                p = fill(engine, bank, names or [None], prompts, args.rows, args.steps)
-                t, c = decode(engine, args.steps)
-            clear(engine)
-            if rep:
-                times[case].append(args.rows * args.steps / t)
-                cpu[case].append(args.rows * args.steps / c)
-                prefill[case].append(p)
-    result = {case: {"decode_tok_s": statistics.median(v), "runs": [round(x, 1) for x in v],
-                     "decode_tok_cpu_s": statistics.median(cpu[case]), "cpu_runs": [round(x, 1) for x in cpu[case]],
-                     "best_tok_cpu_s": max(cpu[case]), "prefill_s": statistics.median(prefill[case])}
-              for case, v in times.items()}
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
+def names_of(case: str) -> list:
+    return CASES[case.removesuffix("_ref")] or [None]
 
-        engine, bank = built["lora"]
+
+def interleaved(built: dict, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, tuple[float, float, float]]:
+    """One repetition: every case prefilled, then --steps decode steps round-robin (the first case rotating);
+    (decode wall s, decode CPU s, prefill s) per case."""
+    cases = list(built)
+    prefill = {}
+    for case in cases:
+        engine, bank = built[case]
+        with reference_path(case.endswith("_ref")):
+            prefill[case] = fill(engine, bank, names_of(case), prompts, args.rows, args.steps)
+    wall, cpu = dict.fromkeys(cases, 0.0), dict.fromkeys(cases, 0.0)
+    for i in range(args.steps):
+        for case in cases[i % len(cases):] + cases[: i % len(cases)]:
+            with reference_path(case.endswith("_ref")):
+                w, c = step(built[case][0])
+            wall[case] += w
+            cpu[case] += c
+    for engine, _ in built.values():
+        clear(engine)
+    return {case: (wall[case], cpu[case], prefill[case]) for case in cases}
+
+
+def profiled(built: dict, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, str]:
+    """torch.profiler's table of --profile-steps decode steps per case in --profile-cases."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for case in args.profile_cases.split(","):
+        engine, bank = built[case]
         with reference_path(args.profile_reference):
-            fill(engine, bank, CASES["mixed"], prompts, args.rows, args.steps)
-            decode(engine, 2)
+            fill(engine, bank, names_of(case), prompts, args.rows, args.steps)
+            for _ in range(2):
+                engine._step()
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(args.profile_steps):  # several steps: one alone is at the mercy of neighbours
                     engine._step()
         clear(engine)
-        result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)
+        tables[case] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)
+    return tables
+
+
+def measure(world: dict, args: argparse.Namespace) -> dict:
+    cases = [*CASES, *([f"{c}_ref" for c in ("single", "mixed", "mixed8")] if args.reference else [])]
+    built = engines(world, args.rows, cases)
+    tok = built["merged"][0].tokenizer
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in world["prompts"]]
+    runs = [interleaved(built, prompts, args) for _ in range(args.repeats + 1)][1:]  # the first round warms up
+    tokens = args.rows * args.steps
+    result = {}
+    for case in cases:
+        tok_s = [tokens / r[case][0] for r in runs]
+        tok_cpu = [tokens / r[case][1] for r in runs]
+        result[case] = {"decode_tok_s": statistics.median(tok_s), "runs": [round(x, 1) for x in tok_s],
+                        "decode_tok_cpu_s": statistics.median(tok_cpu), "cpu_runs": [round(x, 1) for x in tok_cpu],
+                        "best_tok_cpu_s": max(tok_cpu), "prefill_s": statistics.median(r[case][2] for r in runs)}
+    if args.profile:
+        result["profile"] = profiled(built, prompts, args)
     return result
 
 
@@ -144,6 +177,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--reference", action="store_true", help="also time the reference per-adapter loop")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile-cases", default="mixed", help="cases profiled, comma-separated")
     parser.add_argument("--profile-reference", action="store_true", help="profile the reference path")
     parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument("--profile-steps", type=int, default=5, help="decode steps profiled (the table sums them)")
@@ -165,8 +199,9 @@ def main() -> int:
                   f"{r['decode_tok_cpu_s']:7.1f} tok/CPU-s (÷ merged {r['decode_tok_cpu_s'] / merged_cpu:.2f}), "
                   f"best {r['best_tok_cpu_s']:7.1f} (÷ merged {r['best_tok_cpu_s'] / merged_best:.2f})  "
                   f"prefill {r['prefill_s']:.3f} s", flush=True)
-        if "profile" in res:
-            print(res["profile"], flush=True)
+        for case, table in res.get("profile", {}).items():
+            print(f"profile: {case}, {args.profile_steps} decode steps", flush=True)
+            print(table, flush=True)
         out[f"h{hidden}x{layers}"] = res
     out["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
     if args.json:

@@ -20,8 +20,9 @@ LAYERS: dict[str, int] = {
     "lorakit": 3, "lorakit.__main__": 3, "lorakit.cli": 3, "lorakit.quickstart": 3, "lorakit.demo": 3,
     "lorakit.train": 2, "lorakit.eval": 2, "lorakit.advise": 2, "lorakit.serve": 2, "lorakit.export": 2,
     "lorakit.ui": 2,
-    "lorakit.models": 1, "lorakit.adapters": 1, "lorakit.lora": 1, "lorakit.quant": 1, "lorakit.data": 1,
-    "lorakit.loss": 1, "lorakit.generate": 1, "lorakit.heads": 1, "lorakit.dora": 1, "lorakit.inits": 1,
+    "lorakit.models": 1, "lorakit.adapters": 1, "lorakit.lora": 1, "lorakit.lora_rows": 1, "lorakit.quant": 1,
+    "lorakit.data": 1, "lorakit.loss": 1, "lorakit.generate": 1, "lorakit.heads": 1, "lorakit.dora": 1,
+    "lorakit.inits": 1,
     "lorakit.config": 0, "lorakit.errors": 0, "lorakit.runtime": 0,
 }
 NAMES = {3: "entry point", 2: "pipeline", 1: "building block", 0: "foundation"}

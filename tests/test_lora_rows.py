@@ -15,7 +15,8 @@ from torch import nn
 from conftest import build_tiny, randomize_lora
 from lorakit import LoraConfig, QuantConfig, adapter_rows, inject_lora, quantize_model
 from lorakit.generate import RunningBatch
-from lorakit.lora import LoraLinear, delete_adapter, lora_layers, piece_rank
+from lorakit.lora import LoraLinear, delete_adapter, lora_layers
+from lorakit.lora_rows import piece_rank
 from lorakit.quant import NF4Linear
 
 RANKS = [4, 8, 12, 16, 24, 32, 48, 64]
@@ -206,3 +207,24 @@ def test_deleting_an_adapter_refreshes_the_cached_layers():
         with adapter_rows(model, ["a0", "a1"], grouped=False):
             reference = model(input_ids=ids).logits
     torch.testing.assert_close(grouped, reference, **TOL)
+
+
+def test_row_names_are_checked_on_every_block_and_no_row_state_outlives_it():
+    """Plans are cached per row names once checked; a bad name is refused every time, not cached, and a
+    block left by an exception leaves every layer out of row mode."""
+    model = model_with_adapters(3, nf4=False)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['zz'\]"):
+            with adapter_rows(model, ["a0", "zz"]):
+                pass
+    ids = torch.randint(3, 60, (2, 4))
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), adapter_rows(model, ["a0", "a2"]):
+        model(input_ids=ids)
+        assert all(layer.row_plan is not None for _, layer in lora_layers(model))
+        raise RuntimeError("boom")
+    assert all(layer.row_plan is None for _, layer in lora_layers(model))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits  # the active adapter again, on every row
+        with adapter_rows(model, ["a2", "a2"]):
+            rows = model(input_ids=ids).logits
+    torch.testing.assert_close(rows, plain, **TOL)  # inject_lora left a2 active

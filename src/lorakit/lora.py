@@ -10,24 +10,11 @@ map one-to-one onto PEFT's adapter files (`...q_proj.lora_A.weight`).
 Several named adapters can live on one model: `set_adapter` picks the active one, `adapters_disabled`
 gives the base output, and `adapter_rows` lets each row of a batch use its own adapter (or none) in one
 forward -- the server batches requests for different adapters this way. Per-row adapters run grouped
-(Punica/S-LoRA's batched gather matmul, in plain torch), a fixed number of ops per layer for any mix:
-
-    pieces  each adapter's rank cut into slices of one rank c (the last zero-padded; `piece_rank` picks c
-            so that padding and the number of pieces stay small): p pieces in all
-    slots   w per piece (w = most rows of one adapter); slot (k, j) holds the j-th row using piece k's
-            adapter, unused slots row 0 with a zero mask
-    A_st    (p, in, c)   Aᵀ of each piece        B_st  (p, c, out)  s_a · Bᵀ of each piece (scaling folded in)
-    x_g = x[slots]  (p, w·T, in)      h = x_g A_st · mask  (p, w·T, c)      y[slots] += h B_st  (index_add)
-
-    since x Aᵀ Bᵀ = Σ_k x A_kᵀ B_kᵀ over the rank slices k of A (rows) and B (columns).
-
-Zero-padded ranks and masked slots add exact zeros, so each row gets s_a · x Aᵀ Bᵀ of its own adapter
-and base rows (or rows whose adapter does not target the layer) get nothing. The stacks are cached per
-layer and set of adapters (decode steps reuse them) and rebuilt when a factor changes (its version
-counter), an adapter is added or deleted, or the layer moves device or dtype. When every row uses the
-same adapter the fused single-adapter path below runs instead. `_forward_rows_reference` (gather, two
-matmuls and a scatter per adapter) is the plain version, kept as the oracle and for training
-(autograd on, or live dropout).
+(lorakit.lora_rows: Punica/S-LoRA's batched gather matmul, in plain torch, a fixed number of ops per layer
+for any mix; the stacks of factors it needs are cached per layer and set of adapters). When every row uses
+the same adapter the fused single-adapter path below runs instead. `_forward_rows_reference` (gather, two
+matmuls and a scatter per adapter) is the plain version, kept as the oracle and for training (autograd on,
+or live dropout).
 
 Modules an adapter trains in full (`modules_to_save`: a classifier head) get one copy per adapter beside the base's own (heads.py), so the
 same three switches apply to them.
@@ -62,7 +49,6 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -80,6 +66,7 @@ from lorakit.heads import (
     is_sequence_classifier,
     saved_modules,
 )
+from lorakit.lora_rows import STACKS_PER_LAYER, AdapterStack, RowPlan, grouped_rows
 from lorakit.quant.linear import FrozenNF4, NF4Linear
 
 log = logging.getLogger(__name__)
@@ -282,6 +269,8 @@ class LoraLinear(nn.Module):
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
             return dora.dora_forward(x, self.base_layer, A, B, self.lora_magnitude_vector[name],
                                      self.lora_dropout[name], self.scaling[name])
+        if self.row_plan is not None and not self.disabled:
+            return self._forward_rows(x)
         fused = self._fused_forward(x)
         if fused is not None:
             return fused
@@ -290,8 +279,6 @@ class LoraLinear(nn.Module):
             if self.merged_adapters:
                 raise RuntimeError("adapters are merged into the base weights; unmerge before disabling them")
             return y
-        if self.row_plan is not None:
-            return self._forward_rows(x, y)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 y = y + self.delta(x, name).to(y.dtype)
@@ -336,17 +323,22 @@ class LoraLinear(nn.Module):
             return _lora_matmul(x, x_lora, A, B, bias, base, self.scaling[name])[0]
         return _LoraMatmul.apply(x, x_lora, A, B, bias, base, self.scaling[name])
 
-    def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Row i of the batch gets adapter row_adapters[i] (None = base only). x: (B, ..., in), y = base(x)."""
+    def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Row i of the batch gets adapter row_adapters[i] (None = base only). x: (B, ..., in)."""
         plan = self.row_plan
         if len(plan.names) != x.shape[0]:
             raise ValueError(f"adapter_rows has {len(plan.names)} names for a batch of {x.shape[0]} rows")
+        if plan.uniform is not None:  # every row on one adapter: base + its update in one fused matmul
+            fused = self._fused_forward(x)
+            if fused is not None:
+                return fused
+        y = self.base_layer(x)
         if not plan.adapters:
             return y  # no row's adapter targets this layer
         if plan.grouped and not torch.is_grad_enabled():
             stack = self._stack(plan.adapters)
             if stack is not None and not (stack.dropout and self.training):
-                return _grouped_rows(x, y, plan, stack)
+                return grouped_rows(x, y, plan, stack)
         return self._forward_rows_reference(x, y)
 
     def _stack(self, adapters: tuple[str, ...]) -> AdapterStack | None:
@@ -356,7 +348,9 @@ class LoraLinear(nn.Module):
         if stack is not None and stack.versions == tuple(p._version for p in stack.factors):
             self.stacks.move_to_end(adapters)
             return stack
-        stack = AdapterStack.build(self, adapters)
+        stack = AdapterStack.build([self.lora_A[a].weight for a in adapters], [self.lora_B[a].weight for a in adapters],
+                                   [self.scaling[a] for a in adapters],
+                                   any(not isinstance(self.lora_dropout[a], nn.Identity) for a in adapters))
         if stack is not None:
             self.stacks[adapters] = stack
             while len(self.stacks) > STACKS_PER_LAYER:
@@ -399,97 +393,6 @@ class LoraLinear(nn.Module):
         ranks = {n: self.lora_A[n].out_features for n in self.lora_A}
         dora_names = f", dora={list(self.lora_magnitude_vector)}" if len(self.lora_magnitude_vector) else ""
         return f"in={self.in_features}, out={self.out_features}, adapters(rank)={ranks}, active={self.active_adapters}{dora_names}"
-
-
-# --------------------------------------------------------------------------- grouped per-row adapters
-
-STACKS_PER_LAYER = 4  # adapter sets whose stacks a layer keeps (continuous batching revisits a few)
-PIECE_COST = 8  # a piece's fixed cost (its gathered rows, one more small matmul), in units of rank
-
-
-def piece_rank(ranks: Sequence[int]) -> int:
-    """The rank c each adapter is cut into (and zero-padded to): the one of `ranks` that minimizes
-    Σ_a ⌈r_a / c⌉ · (c + PIECE_COST), padded work plus a cost per piece. Ranks 8/16/32/64 give c = 16:
-    8 pieces and 128 rank units per row slot, where padding all to 64 would do 256."""
-    return min(sorted(set(ranks)), key=lambda c: sum(-(-r // c) for r in ranks) * (c + PIECE_COST))
-
-
-class RowPlan:
-    """Which rows use which adapter, for every layer that sees the same per-row `names` (layers that hold
-    the same adapters): adapters in sorted order, `width` slots each; index tensors made once per device.
-    Kept across `adapter_rows` blocks (decode steps repeat the same rows), see `_RowLayers`."""
-
-    def __init__(self, names: tuple[str | None, ...], grouped: bool = True):
-        self.names, self.grouped = names, grouped
-        self.index: dict[tuple[str, torch.device], torch.Tensor] = {}  # the reference path's row indices
-        self.adapters = tuple(sorted({n for n in names if n is not None}))
-        first = names[0] if len(names) else None
-        one = grouped and len(self.adapters) == 1 and all(n == first for n in names)
-        self.uniform = first if one else None  # every row on one adapter: the fused path
-        self.rows = [[i for i, n in enumerate(names) if n == a] for a in self.adapters]
-        self.width = max(map(len, self.rows), default=0)
-        self._tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
-
-    def tensors(self, pieces: tuple[int, ...], device: torch.device,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """For a stack whose piece k belongs to adapter pieces[k]: (slots (p·w,) long: the row in each slot,
-        unused slots row 0; mask (p, w, 1, 1), 0 on unused slots, or None when every slot is used)."""
-        key = (pieces, device, dtype)
-        if key not in self._tensors:
-            rows = [self.rows[a] for a in pieces]
-            slots = [i for r in rows for i in r + [0] * (self.width - len(r))]
-            live = None if all(len(r) == self.width for r in rows) else \
-                torch.tensor([[1.0] * len(r) + [0.0] * (self.width - len(r)) for r in rows], dtype=dtype,
-                             device=device)[:, :, None, None]
-            self._tensors[key] = torch.tensor(slots, dtype=torch.long, device=device), live
-        return self._tensors[key]
-
-
-@dataclass
-class AdapterStack:
-    """One layer's factors of a set of adapters, cut into pieces of equal rank and stacked for
-    `_grouped_rows` (see the module docstring)."""
-
-    A: torch.Tensor  # (p, in, c)   Aᵀ of each piece (a rank slice of one adapter, zero-padded to c)
-    B: torch.Tensor  # (p, c, out)  s · Bᵀ of the same slice
-    pieces: tuple[int, ...]  # (p,) the adapter (index into the sorted set) each piece belongs to
-    factors: tuple[torch.Tensor, ...]  # the parameters stacked, whose version counters say when to rebuild
-    versions: tuple[int, ...]
-    dropout: bool  # some adapter has dropout: training-mode forwards take the reference path
-
-    @staticmethod
-    def build(layer: LoraLinear, adapters: tuple[str, ...]) -> AdapterStack | None:
-        As = [layer.lora_A[a].weight for a in adapters]  # (r_a, in) each
-        Bs = [layer.lora_B[a].weight for a in adapters]  # (out, r_a) each
-        if len({(t.dtype, t.device) for t in As + Bs}) != 1:
-            return None
-        c = piece_rank([a.shape[0] for a in As])
-        cuts = [(i, lo) for i, a in enumerate(As) for lo in range(0, a.shape[0], c)]  # (adapter, first rank)
-        with torch.no_grad():
-            A = As[0].new_zeros(len(cuts), layer.in_features, c)  # (p, in, c)
-            B = As[0].new_zeros(len(cuts), c, layer.out_features)  # (p, c, out)
-            for k, (i, lo) in enumerate(cuts):  # once per set of adapters, not per forward
-                hi = min(lo + c, As[i].shape[0])
-                A[k, :, : hi - lo] = As[i][lo:hi].t()
-                B[k, : hi - lo] = Bs[i][:, lo:hi].t() * layer.scaling[adapters[i]]
-        dropout = any(not isinstance(layer.lora_dropout[a], nn.Identity) for a in adapters)
-        factors = tuple(As + Bs)
-        return AdapterStack(A, B, tuple(i for i, _ in cuts), factors, tuple(p._version for p in factors), dropout)
-
-
-def _grouped_rows(x: torch.Tensor, y: torch.Tensor, plan: RowPlan, stack: AdapterStack) -> torch.Tensor:
-    """y (B, ..., out) += each row's own s · x Aᵀ Bᵀ with two batched matmuls; x: (B, ..., in)."""
-    rows, p, width = x.shape[0], len(stack.pieces), plan.width
-    slots, live = plan.tensors(stack.pieces, x.device, stack.A.dtype)
-    x3 = x.reshape(rows, -1, x.shape[-1])  # (B, T, in)
-    xg = x3.index_select(0, slots).to(stack.A.dtype).view(p, -1, x.shape[-1])  # (p, w·T, in)
-    h = torch.bmm(xg, stack.A)  # (p, w·T, c)
-    if live is not None:
-        h.view(p, width, x3.shape[1], -1).mul_(live)  # unused slots (copies of row 0) add nothing
-    delta = torch.bmm(h, stack.B)  # (p, w·T, out)
-    y = y.contiguous()
-    y.view(rows, -1).index_add_(0, slots, delta.view(p * width, -1).to(y.dtype))  # (B, T·out)
-    return y
 
 
 # --------------------------------------------------------------------------- target discovery
@@ -743,36 +646,23 @@ def adapter_rows(model: nn.Module, names: Sequence[str | None], grouped: bool = 
     `grouped=False` runs the reference per-adapter loop (`LoraLinear._forward_rows_reference`) instead of
     the grouped matmuls; the results agree to rounding.
     """
-    unknown = sorted({n for n in names if n is not None} - set(adapter_configs(model)))
-    if unknown:
-        raise ValueError(f"unknown adapter(s) {unknown}; adapters here: {list(adapter_configs(model))}")
-    _refuse_dora_rows(model, names)
     found = _RowLayers.of(model)
+    plans = found.plans(tuple(names), grouped)
     merged = sorted({a for layer in found.layers for a in layer.merged_adapters})
     if merged:
         raise RuntimeError(f"adapter(s) {merged} are merged into the base weights; unmerge them before adapter_rows")
-    layers = []
-    for held, group in found.groups:
-        plan = found.plan(tuple(n if n in held else None for n in names), grouped)
-        for layer in group:
-            layer.row_plan = plan
-        layers += group
-    saved = [module for _, module in saved_modules(model)]
-    for module in saved:
-        module.row_adapters = list(names)
+    found.assign(plans, list(names))
     try:
         yield
     finally:
-        for layer in layers:
-            layer.row_plan = None
-        for module in saved:
-            module.row_adapters = None
+        found.assign(None, None)
 
 
 class _RowLayers:
-    """The LoRA layers of a model grouped by the adapters they hold, and recent RowPlans: what `adapter_rows`
-    would otherwise recompute (a walk over every module) on each decode step. Cached on the model and
-    valid while `model.lorakit_adapters` is the same dict: inject_lora, delete_adapter and merging replace it.
+    """The LoRA layers of a model grouped by the adapters they hold, its modules trained in full, and the
+    RowPlans of recent row names (checked once, when first seen): what `adapter_rows` would otherwise
+    recompute (two walks over every module) on each decode step. Cached on the model and valid while
+    `model.lorakit_adapters` is the same dict: inject_lora, delete_adapter and merging replace it.
     NOTE: wrapping or unwrapping layers by hand, outside lorakit.lora, is not seen; call
     `_RowLayers.forget(model)` after such surgery."""
 
@@ -781,11 +671,12 @@ class _RowLayers:
     def __init__(self, model: nn.Module):
         self.configs = getattr(model, "lorakit_adapters", None)
         self.layers = [layer for _, layer in lora_layers(model)]
+        self.saved = [module for _, module in saved_modules(model)]
         groups: dict[frozenset[str], list[LoraLinear]] = {}
         for layer in self.layers:
             groups.setdefault(frozenset(layer.lora_A.keys()), []).append(layer)
         self.groups = list(groups.items())
-        self.plans: dict[tuple[tuple[str | None, ...], bool], RowPlan] = {}
+        self._plans: dict[tuple[tuple[str | None, ...], bool], list[RowPlan]] = {}
 
     @classmethod
     def of(cls, model: nn.Module) -> _RowLayers:
@@ -799,20 +690,38 @@ class _RowLayers:
     def forget(model: nn.Module) -> None:
         model.__dict__.pop("_lorakit_row_layers", None)
 
-    def plan(self, names: tuple[str | None, ...], grouped: bool) -> RowPlan:
-        plan = self.plans.get((names, grouped))
-        if plan is None:
-            if len(self.plans) >= self.MAX_PLANS:
-                self.plans.clear()
-            plan = self.plans[(names, grouped)] = RowPlan(names, grouped)
-        return plan
+    def plans(self, names: tuple[str | None, ...], grouped: bool) -> list[RowPlan]:
+        """One RowPlan per group of layers (rows whose adapter a group does not hold see None there)."""
+        plans = self._plans.get((names, grouped))
+        if plans is None:
+            configs = self.configs or {}
+            unknown = sorted({n for n in names if n is not None} - set(configs))
+            if unknown:
+                raise ValueError(f"unknown adapter(s) {unknown}; adapters here: {list(configs)}")
+            _refuse_dora_rows(configs, names)
+            if len(self._plans) >= self.MAX_PLANS:
+                self._plans.clear()
+            masked = [tuple(n if n in held else None for n in names) for held, _ in self.groups]
+            made = {m: RowPlan(m, grouped) for m in dict.fromkeys(masked)}  # groups seeing the same names share one
+            plans = self._plans[(names, grouped)] = [made[m] for m in masked]
+        return plans
+
+    def assign(self, plans: list[RowPlan] | None, names: list[str | None] | None) -> None:
+        """Give every layer its group's plan (None: leave row mode). `row_plan` and `row_adapters` are plain
+        attributes: object.__setattr__ skips nn.Module's parameter/buffer/submodule bookkeeping, which
+        would cost more than the rest of this call on each decode step."""
+        for i, (_, group) in enumerate(self.groups):
+            plan = None if plans is None else plans[i]
+            for layer in group:
+                object.__setattr__(layer, "row_plan", plan)
+        for module in self.saved:
+            object.__setattr__(module, "row_adapters", names)
 
 
-def _refuse_dora_rows(model: nn.Module, names: Sequence[str | None]) -> None:
+def _refuse_dora_rows(configs: dict[str, LoraConfig], names: Sequence[str | None]) -> None:
     # NOTE: mixed rows add each row's s·x AᵀBᵀ to a shared base output (grouped matmuls); a DoRA row instead
     # rescales its whole output row by m/‖W + s·BA‖, so it cannot ride that path. A batch whose rows all use
     # one DoRA adapter runs DoRA's own forward; a mixed one is refused rather than computed wrongly.
-    configs = adapter_configs(model)
     dora_names = sorted({n for n in names if n is not None and getattr(configs.get(n), "use_dora", False)})
     if dora_names and len(set(names)) > 1:
         raise AdapterError(
