@@ -367,8 +367,8 @@ def run(args: argparse.Namespace) -> dict:
     model_dir = args.dir / args.model
     if not (model_dir / "model.safetensors.index.json").is_file():
         make_model(args.model, args.dir)
-    base = {"model_dir": str(model_dir), "vocab": MODELS[args.model]["vocab_size"]}
-    out = {"model": args.model, "config": MODELS[args.model], "command": command_line(), "machine": machine(),
+    base = {"model_dir": str(model_dir), "vocab": MODELS[args.model]["vocab_size"], "threads": args.threads}
+    out = {"model": args.model, "config": MODELS[args.model], "command": command_line(), "machine": machine(args.threads),
            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": 0.0, "results": []}
     started = time.time()
 
@@ -395,11 +395,11 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
 
 
-def machine() -> str:
+def machine(threads: int | None = None) -> str:
     names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
     return (f"{os.cpu_count()} CPU cores ({names[0] if names else '?'}), {mem:.0f} GiB RAM, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, shared with other jobs")
+            f"{threads or torch.get_num_threads()} thread(s) per worker, shared with other jobs")
 
 
 def main() -> None:
@@ -418,6 +418,8 @@ def main() -> None:
     r.add_argument("--steps-8b", type=int, default=2)
     r.add_argument("--loads", action=argparse.BooleanOptionalAction, default=True, help="the load-only processes")
     r.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True)
+    r.add_argument("--threads", type=int, help="torch threads per worker (default: torch's); 1 on a shared machine, "
+                   "where a 2-thread op waits for a descheduled thread at every parallel region")
     r.add_argument("--stacks", nargs="+", choices=list(STACKS), help="step processes to run (default: all)")
     r.add_argument("--json", type=Path, required=True)
     rd = sub.add_parser("render")
@@ -431,6 +433,8 @@ def main() -> None:
         print(make_model(args.model, args.dir))
     elif args.cmd == "worker":
         spec = json.loads(args.spec)
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
         print("RESULT " + json.dumps(WORKERS[spec["kind"]](spec)), flush=True)
     elif args.cmd == "run":
         run(args)
