@@ -170,6 +170,9 @@ def _trainer(spec: dict):
     if stack.startswith("peft"):
         import peft
 
+        if spec.get("device", "cpu") != "cpu":
+            raise SystemExit("the PEFT + bitsandbytes stacks run on the CPU here (bench_big's --device is for lorakit's)")
+
         compute = torch.bfloat16 if stack.endswith("bf16") else torch.float32
         base = _peft_qlora(spec["model_dir"], compute)
         model = peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
@@ -183,14 +186,17 @@ def _trainer(spec: dict):
         from lorakit.loss import causal_lm_loss_sum
         from lorakit.models import load_model
         from lorakit.quant import load_quantized_model
-        from lorakit.runtime.devices import pick_matmul_dtype
+        from lorakit.runtime.devices import pick_dtype, pick_matmul_dtype
 
+        device = spec.get("device", "cpu")
+        dtype = pick_dtype("auto", device)  # train.dtype auto: fp32 on a CPU, bf16 on CUDA
         if stack == "lorakit-lora":
-            model = load_model(spec["model_dir"], dtype=torch.float32)
-        else:  # as `lorakit train` (models.load_base) loads it: an fp32 model, NF4 matmuls in quant.compute_dtype
+            model = load_model(spec["model_dir"], dtype=dtype, device=device)
+        else:  # as `lorakit train` (models.load_base) loads it: the model in train.dtype, NF4 matmuls in quant.compute_dtype
             quant = QuantConfig(compute_dtype="float32" if stack.endswith("fp32") else "auto")
-            matmul = pick_matmul_dtype(quant.compute_dtype, "cpu", torch.float32)  # auto: bf16 where bf16 is fast
-            model = load_quantized_model(spec["model_dir"], quant_config=quant, matmul_dtype=matmul)
+            matmul = pick_matmul_dtype(quant.compute_dtype, device, dtype)  # auto: bf16 where bf16 is fast
+            model = load_quantized_model(spec["model_dir"], quant_config=quant, compute_dtype=dtype, device=device,
+                                         matmul_dtype=matmul)
         inject_lora(model, LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=0.0, target_modules="all-linear"))
 
         def loss_fn(ids):
@@ -200,12 +206,23 @@ def _trainer(spec: dict):
     return model.train(), loss_fn
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peak(device: str) -> int:
+    """Peak bytes so far: RSS on a CPU, the allocator's peak on CUDA."""
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else vm_hwm()
+
+
 def worker_step(spec: dict) -> dict:
     """One load, then for each seq in spec["seqs"]: warmup + timed steps; the no-grad forward at 1 x 64."""
     torch.manual_seed(0)
+    device = spec.get("device", "cpu")
     t0 = time.perf_counter()
     model, loss_fn = _trainer(spec)
-    load_s, load_peak = time.perf_counter() - t0, vm_hwm()
+    load_s, load_peak = time.perf_counter() - t0, _peak(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
@@ -213,44 +230,50 @@ def worker_step(spec: dict) -> dict:
     for seq in spec["seqs"]:
         times, loads = [], []
         for i in range(spec["warmup"] + spec["steps"][str(seq)]):
-            ids = torch.randint(3, spec["vocab"], (1, seq), generator=g)  # (1, T)
+            ids = torch.randint(3, spec["vocab"], (1, seq), generator=g).to(device)  # (1, T)
+            _sync(device)
             start = time.perf_counter()
             loss = loss_fn(ids)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            _sync(device)
             if i >= spec["warmup"]:
                 times.append(time.perf_counter() - start)
                 loads.append(load_1min())
-        out["per_seq"][str(seq)] = {"step_times": times, "step_s": statistics.median(times), "peak_rss": vm_hwm(),
+        out["per_seq"][str(seq)] = {"step_times": times, "step_s": statistics.median(times), "peak_rss": _peak(device),
                                     "loss": float(loss), "step_load_1min": loads}
     if spec.get("forward"):
         model.eval()
-        ids = torch.randint(3, spec["vocab"], (1, 64), generator=g)
+        ids = torch.randint(3, spec["vocab"], (1, 64), generator=g).to(device)
         fwd = []
         with torch.no_grad():
             for _ in range(3):
+                _sync(device)
                 start = time.perf_counter()
                 model(input_ids=ids)
+                _sync(device)
                 fwd.append(time.perf_counter() - start)
         out["forward_times"], out["forward_s"] = fwd, statistics.median(fwd[1:])
         if not spec["stack"].startswith("peft"):
-            out["eval40_s"] = eval_40_rows(model, loss_fn, spec["vocab"], g)
+            out["eval40_s"] = eval_40_rows(model, loss_fn, spec["vocab"], g, device)
     return out
 
 
-def eval_40_rows(model, loss_fn, vocab: int, g: torch.Generator) -> float:
+def eval_40_rows(model, loss_fn, vocab: int, g: torch.Generator, device: str = "cpu") -> float:
     """Seconds for the eval loss of 40 short rows (32 tokens) as lorakit's eval runs it: no grad, batches of
     RunConfig.eval_batch_rows() rows (16 at max_seq_len 64 and micro-batch 1), so 3 forwards, not 40."""
     from lorakit.config import DataConfig, RunConfig, TrainConfig
 
     rows = RunConfig(data=DataConfig(max_seq_len=64), train=TrainConfig(micro_batch_size=1)).eval_batch_rows()
-    ids = torch.randint(3, vocab, (40, 32), generator=g)  # (40, T)
+    ids = torch.randint(3, vocab, (40, 32), generator=g).to(device)  # (40, T)
+    _sync(device)
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(ids), rows):
             loss_fn(ids[i:i + rows])
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -367,7 +390,8 @@ def run(args: argparse.Namespace) -> dict:
     model_dir = args.dir / args.model
     if not (model_dir / "model.safetensors.index.json").is_file():
         make_model(args.model, args.dir)
-    base = {"model_dir": str(model_dir), "vocab": MODELS[args.model]["vocab_size"], "threads": args.threads}
+    base = {"model_dir": str(model_dir), "vocab": MODELS[args.model]["vocab_size"], "threads": args.threads,
+            "device": args.device}
     out = {"model": args.model, "config": MODELS[args.model], "command": command_line(), "machine": machine(args.threads),
            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": 0.0, "results": []}
     started = time.time()
@@ -421,6 +445,8 @@ def main() -> None:
     r.add_argument("--threads", type=int, help="torch threads per worker (default: torch's); 1 on a shared machine, "
                    "where a 2-thread op waits for a descheduled thread at every parallel region")
     r.add_argument("--stacks", nargs="+", choices=list(STACKS), help="step processes to run (default: all)")
+    r.add_argument("--device", default="cpu", help="where lorakit's step processes run (cuda: peaks are the "
+                   "allocator's, the model in bf16 as train.dtype auto picks; PEFT + bnb stacks stay CPU-only)")
     r.add_argument("--json", type=Path, required=True)
     rd = sub.add_parser("render")
     rd.add_argument("runs", type=Path, nargs="+")

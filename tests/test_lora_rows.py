@@ -228,3 +228,44 @@ def test_row_names_are_checked_on_every_block_and_no_row_state_outlives_it():
         with adapter_rows(model, ["a2", "a2"]):
             rows = model(input_ids=ids).logits
     torch.testing.assert_close(rows, plain, **TOL)  # inject_lora left a2 active
+
+
+def test_row_kernels_are_decided_once_per_plan_and_follow_changed_factors():
+    layer = layer_with_adapters(3, "fp32")
+    model = nn.Sequential(layer)
+    model.lorakit_adapters = {n: None for n in layer.lora_A}
+    x = torch.randn(4, 1, layer.in_features)
+    plans = {"uniform": ["a1"] * 4, "mixed": ["a0", None, "a2", "a1"], "base": [None] * 4}
+
+    def run(names):
+        with torch.no_grad(), adapter_rows(model, names):
+            return model(x)
+
+    expected = {case: run_layer(layer, x, names, grouped=False) for case, names in plans.items()}
+    layer.row_kernels.clear()
+    for _ in range(2):  # alternating plans (as continuous batching revisits them) reuse each plan's kernel
+        for case, names in plans.items():
+            torch.testing.assert_close(run(names), expected[case], **TOL)
+    assert len(layer.row_kernels) == len(plans)
+    kernel = next(k for k in layer.row_kernels.values() if k.plan.names == tuple(plans["uniform"]))
+    with torch.no_grad():
+        layer.lora_A["a1"].weight.mul_(3.0)  # in place: the version counters say the kernel is stale
+    for names in plans.values():
+        torch.testing.assert_close(run(names), run_layer(layer, x, names, grouped=False), **TOL)
+    assert not torch.equal(run(plans["uniform"]), layer.base_layer(x))
+    assert next(k for k in layer.row_kernels.values() if k.plan.names == tuple(plans["uniform"])) is not kernel
+    layer.add_adapter("a3", LoraConfig(r=4, dropout=0.0))
+    assert not layer.row_kernels  # a new adapter, a dtype or device move: decided again
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("base", ["fp32", "nf4"])
+def test_grouped_rows_on_cuda_equal_the_reference(base):
+    layer = layer_with_adapters(8, base).cuda()
+    for tokens in (1, 7):
+        x = torch.randn(11, tokens, layer.in_features, device="cuda")
+        for names in (row_names(8, 11, seed=tokens), ["a5"] * 11, [None] * 11):
+            got = run_layer(layer, x, names, grouped=True)
+            assert got.device.type == "cuda"
+            torch.testing.assert_close(got, run_layer(layer, x, names, grouped=False), rtol=1e-5, atol=1e-5)

@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 
 from lorakit.config import DataConfig, EvalConfig, GenerationConfig, LoraConfig, RunConfig, TrainConfig
+from lorakit.runtime import cache
 from lorakit.runtime.atomic import atomic_directory, atomic_file
 
 log = logging.getLogger(__name__)
@@ -437,7 +437,7 @@ def build_demo_model(out_dir: str | Path, spec: DemoSpec = DEMO_SPEC) -> dict[st
 def default_cache_dir(cache_dir: str | Path | None = None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
-    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
+    return cache.cache_dir()
 
 
 def _lock(target: Path) -> Any:

@@ -66,7 +66,7 @@ from lorakit.heads import (
     is_sequence_classifier,
     saved_modules,
 )
-from lorakit.lora_rows import STACKS_PER_LAYER, AdapterStack, RowPlan, grouped_rows
+from lorakit.lora_rows import STACKS_PER_LAYER, AdapterStack, GroupedRows, RowPlan, grouped_rows
 from lorakit.quant.linear import FrozenNF4, NF4Linear
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,74 @@ class _LoraMatmul(torch.autograd.Function):
         return grad_x, grad_x_lora, grad_A, grad_B, None, None, None
 
 
+class _RowKernel:
+    """A LoraLinear's no-grad forward under one RowPlan, decided once (`decide`) and reused while it `fits`:
+    decode steps repeat the same rows, so the checks of `forward` (DoRA, the fused path's conditions, the
+    stack lookup) and the views of the factors are made once per plan, not per layer and token.
+
+        base     no row's adapter targets the layer:      y = x Wᵀ + b
+        uniform  every row on one adapter a:              y = x Wᵀ + b;  y += (x Aₐᵀ)(s·Bₐᵀ)   (3 matmuls)
+        grouped  a mix:                                   y = x Wᵀ + b;  lorakit.lora_rows.GroupedRows
+        run=None anything else (DoRA, dtypes that differ, live dropout): `forward`'s general path.
+
+    Kept per plan in `row_kernels`; valid for x's dtype and device, the train/eval mode and the factors' version counters
+    (an in-place update of A or B, e.g. a training step between two generations, rebuilds it)."""
+
+    __slots__ = ("plan", "dtype", "device", "training", "factors", "versions", "run")
+    KEPT = 16  # plans whose kernels a layer keeps (rows joining and leaving make new plans; cases alternate)
+
+    def __init__(self, layer: LoraLinear, x: torch.Tensor, factors: tuple[torch.Tensor, ...], run):
+        self.plan, self.dtype, self.device, self.training = layer.row_plan, x.dtype, x.device, layer.training
+        self.factors, self.versions, self.run = factors, tuple(f._version for f in factors), run
+
+    def fits(self, layer: LoraLinear, x: torch.Tensor) -> bool:
+        return (self.plan is layer.row_plan and self.dtype is x.dtype and self.training is layer.training
+                and self.device == x.device and self.versions == tuple(f._version for f in self.factors)
+                and not torch.is_autocast_enabled(x.device.type))
+
+    @classmethod
+    def remember(cls, layer: LoraLinear, x: torch.Tensor) -> _RowKernel:
+        """`decide`, kept in the layer's `row_kernels` (the oldest dropped beyond KEPT)."""
+        kernels = layer.row_kernels
+        kernels.pop(layer.row_plan, None)
+        while len(kernels) >= cls.KEPT:
+            del kernels[next(iter(kernels))]
+        kernel = kernels[layer.row_plan] = cls.decide(layer, x)
+        return kernel
+
+    @classmethod
+    def decide(cls, layer: LoraLinear, x: torch.Tensor) -> _RowKernel:
+        plan = layer.row_plan
+        if len(plan.names) != x.shape[0]:
+            raise ValueError(f"adapter_rows has {len(plan.names)} names for a batch of {x.shape[0]} rows")
+        frozen = _frozen_base(layer.base_layer, x.dtype)
+        general = cls(layer, x, (), None)
+        if frozen is None or torch.is_autocast_enabled(x.device.type) \
+                or any(a in layer.lora_magnitude_vector for a in plan.adapters):
+            return general
+        base, bias = frozen
+
+        def base_only(x: torch.Tensor) -> torch.Tensor:
+            return base.linear(x.reshape(-1, x.shape[-1]), bias).view(*x.shape[:-1], -1)
+
+        if not plan.adapters:
+            return cls(layer, x, (), base_only)
+        if not plan.grouped or any(a in layer.merged_adapters for a in plan.adapters):
+            return general
+        name = plan.uniform
+        if name is not None:
+            A, B, s = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+            live_dropout = layer.training and not isinstance(layer.lora_dropout[name], nn.Identity)
+            if live_dropout or not x.dtype == A.dtype == B.dtype:
+                return general
+            return cls(layer, x, (A, B), lambda x: _lora_matmul(x, None, A, B, bias, base, s)[0])
+        stack = layer._stack(plan.adapters)
+        if stack is None or (stack.dropout and layer.training):
+            return general
+        grouped = GroupedRows(plan, stack, x.device)
+        return cls(layer, x, stack.factors, lambda x: grouped(x, base_only(x)))
+
+
 class LoraLinear(nn.Module):
     """A frozen base layer plus named low-rank adapters; see the module docstring for the maths."""
 
@@ -205,6 +273,7 @@ class LoraLinear(nn.Module):
         self.disabled = False
         self.row_plan: RowPlan | None = None  # inside adapter_rows: each row's adapter, shared by layers alike
         self.stacks: OrderedDict[tuple[str, ...], AdapterStack] = OrderedDict()  # grouped path, per adapter set
+        self.row_kernels: dict[RowPlan, _RowKernel] = {}  # the no-grad row forwards decided for recent plans
         # PiSSA / OLoRA adapters: (A₀, B₀) on the CPU, to save the trained adapter converted (lorakit.inits)
         self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -235,11 +304,16 @@ class LoraLinear(nn.Module):
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
             self.lora_magnitude_vector[name] = dora.Magnitude(dora.weight_norm(self.base_layer, A, B, config.scaling), A.dtype)
         self.active_adapters = [name]
-        self.stacks.clear()
+        self.forget_stacks()
         return weight_init
 
+    def forget_stacks(self) -> None:
+        """Drop what the row paths cached (stacks, row kernel): the adapters or the base layer changed."""
+        self.stacks.clear()
+        self.row_kernels.clear()
+
     def _apply(self, fn, recurse=True):
-        self.stacks.clear()  # .to(device/dtype) may give the factors new storage (version counters stay)
+        self.forget_stacks()  # .to(device/dtype) may give the factors new storage (version counters stay)
         return super()._apply(fn, recurse)
 
     def _install_weight_init(self, name: str, init: inits.WeightInit, keep_initial: bool) -> inits.WeightInit:
@@ -264,6 +338,12 @@ class LoraLinear(nn.Module):
         return F.linear(F.linear(h, A), B) * self.scaling[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_plan is not None and not self.disabled and not torch.is_grad_enabled():
+            kernel = self.row_kernels.get(self.row_plan)  # decode steps: the checks below made once per plan
+            if kernel is None or not kernel.fits(self, x):
+                kernel = _RowKernel.remember(self, x)
+            if kernel.run is not None:
+                return kernel.run(x)
         name = self._dora_adapter(x)
         if name is not None:  # DoRA rescales the whole output row-wise: its own forward (lorakit.dora)
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
@@ -355,6 +435,7 @@ class LoraLinear(nn.Module):
             self.stacks[adapters] = stack
             while len(self.stacks) > STACKS_PER_LAYER:
                 self.stacks.popitem(last=False)  # least recently used
+                self.row_kernels.clear()  # they may hold it: a layer holds at most STACKS_PER_LAYER stacks
         return stack
 
     def _forward_rows_reference(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -745,7 +826,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
                 del store[name]
         layer.scaling.pop(name, None)
         layer.active_adapters = [n for n in layer.active_adapters if n != name]
-        layer.stacks.clear()
+        layer.forget_stacks()
     for module_name, saved in list(saved_modules(model)):
         if name in saved.modules_to_save:
             saved.remove_adapter(name)

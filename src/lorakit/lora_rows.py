@@ -101,16 +101,29 @@ class AdapterStack:
 
 def grouped_rows(x: torch.Tensor, y: torch.Tensor, plan: RowPlan, stack: AdapterStack) -> torch.Tensor:
     """y (B, ..., out) += each row's own s · x Aᵀ Bᵀ with two batched matmuls; x: (B, ..., in)."""
-    rows, p, width, dtype = x.shape[0], len(stack.pieces), plan.width, stack.A.dtype
-    slots, live = plan.tensors(stack.pieces, x.device, dtype)
-    xg = x.reshape(rows, -1).index_select(0, slots)  # (p·w, T·in)
-    if xg.dtype != dtype:
-        xg = xg.to(dtype)
-    h = torch.bmm(xg.view(p, -1, x.shape[-1]), stack.A)  # (p, w·T, c)
-    if live is not None:
-        h.view(p, width, -1, h.shape[-1]).mul_(live)  # unused slots (copies of row 0) add nothing
-    delta = torch.bmm(h, stack.B).view(p * width, -1)  # (p·w, T·out)
-    if not y.is_contiguous():
-        y = y.contiguous()
-    y.view(rows, -1).index_add_(0, slots, delta if delta.dtype == y.dtype else delta.to(y.dtype))  # (B, T·out)
-    return y
+    return GroupedRows(plan, stack, x.device)(x, y)
+
+
+class GroupedRows:
+    """`grouped_rows` for one plan and stack, its index tensors and sizes looked up once: a decode step
+    calls it in every adapted layer (`lorakit.lora._RowKernel` keeps one per layer and plan)."""
+
+    __slots__ = ("stack", "slots", "live", "p", "width")
+
+    def __init__(self, plan: RowPlan, stack: AdapterStack, device: torch.device):
+        self.stack, self.p, self.width = stack, len(stack.pieces), plan.width
+        self.slots, self.live = plan.tensors(stack.pieces, device, stack.A.dtype)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        stack, p, slots = self.stack, self.p, self.slots
+        xg = x.reshape(x.shape[0], -1).index_select(0, slots)  # (p·w, T·in)
+        if xg.dtype != stack.A.dtype:
+            xg = xg.to(stack.A.dtype)
+        h = torch.bmm(xg.view(p, -1, x.shape[-1]), stack.A)  # (p, w·T, c)
+        if self.live is not None:
+            h.view(p, self.width, -1, h.shape[-1]).mul_(self.live)  # unused slots (copies of row 0) add nothing
+        delta = torch.bmm(h, stack.B).view(p * self.width, -1)  # (p·w, T·out)
+        if not y.is_contiguous():
+            y = y.contiguous()
+        y.view(y.shape[0], -1).index_add_(0, slots, delta if delta.dtype == y.dtype else delta.to(y.dtype))  # (B, T·out)
+        return y

@@ -17,6 +17,7 @@ from lorakit.lora import inject_lora
 from lorakit.loss import causal_lm_loss_sum
 from lorakit.models import load_model
 from lorakit.quant import CastLinear, NF4Linear, load_quantized_model, precision_report, quantize_model
+from lorakit.quant.stream import streamed_load_peak_bytes
 from lorakit.quant.safetensors_io import CheckpointError
 
 SHARD = "30KB"  # tiny models of ~60 KB: several shards, some holding one tensor only
@@ -163,6 +164,39 @@ def test_loss_and_lora_gradients_equal_the_reference(tmp_path):
     assert results[0][1].keys() == results[1][1].keys() and results[0][1]
     for name, grad in results[1][1].items():
         torch.testing.assert_close(results[0][1][name], grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streamed_load_onto_cuda_equals_the_cpu_load_and_a_bf16_qlora_step_matches(tmp_path):
+    """On CUDA the same loader streams onto the device (the allocator's peak within the advisor's load term),
+    the codes are the CPU's, and a bf16 QLoRA step (train.dtype auto there) agrees with the fp32 CPU one."""
+    path = _save(tmp_path, "llama", torch.bfloat16)
+    cpu = load_quantized_model(path, compute_dtype=torch.float32)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    gpu = load_quantized_model(path, compute_dtype=torch.bfloat16, device="cuda")
+    info = gpu.lorakit_load
+    assert torch.cuda.max_memory_allocated() - before <= streamed_load_peak_bytes(
+        info.nf4_bytes, info.other_bytes, info.largest_tensor_bytes)
+    assert all(t.device.type == "cuda" for t in [*gpu.parameters(), *gpu.buffers()])
+    layers = {n: m for n, m in cpu.named_modules() if isinstance(m, NF4Linear)}
+    assert layers and info.matmul_dtype == "bfloat16"
+    for name, module in gpu.named_modules():
+        if isinstance(module, NF4Linear):
+            assert torch.equal(module.packed.cpu(), layers[name].packed), name  # the same rounding on every device
+    ids = batch(seed=4, rows=2, length=10)
+    losses, grads = [], []
+    for model, device in ((cpu, "cpu"), (gpu, "cuda")):
+        inject_lora(model, LoraConfig(r=4, dropout=0.0, target_modules="all-linear"))
+        randomize_lora(model)
+        model.to(device)
+        loss = causal_lm_loss_sum(model, {"input_ids": ids.to(device)}, ids.to(device))
+        loss.backward()
+        losses.append(float(loss))
+        grads.append(torch.cat([p.grad.float().flatten().cpu() for p in model.parameters() if p.requires_grad]))
+    assert losses[1] == pytest.approx(losses[0], rel=0.02)
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.98
 
 
 def test_classification_head_new_to_the_task_is_initialized(tmp_path):

@@ -138,35 +138,3 @@ def test_blocks_straddling_rows_take_the_plain_path():
         nf4_linear(x, state, torch.float32).double(), x.double() @ dequantize_nf4(state, torch.float64).T,
         rtol=1e-5, atol=1e-6,
     )
-
-
-@pytest.mark.slow
-def test_fused_decode_tiles_equal_the_eager_ones_bit_for_bit(small_tiles, monkeypatch):
-    """The torch.compile'd decode (one pass; large layers on a CPU) gives the eager tiles bit for bit, in fp32
-    and bf16, partial last tile included; the threshold is lowered so that a small layer takes it (one compile,
-    ~20 s, shared by every shape)."""
-    state = quantize_nf4(_randn(200, 128, seed=11))
-    for dtype in (torch.float32, torch.bfloat16):
-        monkeypatch.setattr(qlinear, "FUSED_DECODE_MIN_WEIGHTS", 1)
-        assert qlinear._use_fused(state)
-        fused = [(o, t.clone()) for o, t in qlinear._tiles(state, dtype)]
-        assert not qlinear._fused_decode.failed, "the fused decode did not compile here (is a C++ compiler installed?)"
-        monkeypatch.setattr(qlinear, "FUSED_DECODE_MIN_WEIGHTS", 2**62)
-        eager = [(o, t.clone()) for o, t in qlinear._tiles(state, dtype)]
-        assert len(fused) == len(eager) == 25 and all(a == c for (a, _), (c, _) in zip(fused, eager, strict=True))
-        for (_, f), (_, e) in zip(fused, eager, strict=True):
-            assert f.dtype == e.dtype == dtype and torch.equal(f, e)
-        assert torch.equal(torch.cat([t for _, t in fused]), dequantize_nf4(state, dtype))
-
-
-def test_a_failed_fused_compile_falls_back_to_the_eager_decode(small_tiles, monkeypatch, caplog):
-    """Where torch.compile cannot build the kernel (no C++ compiler), one warning and the eager tiles."""
-    decode = qlinear._FusedDecode()
-    monkeypatch.setattr(qlinear, "_fused_decode", decode)
-    monkeypatch.setattr(qlinear, "FUSED_DECODE_MIN_WEIGHTS", 1)
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (_ for _ in ()).throw(RuntimeError("no compiler")))
-    state = quantize_nf4(_randn(200, 128, seed=12))
-    with caplog.at_level("WARNING", logger="lorakit.quant.linear"):
-        tiles = torch.cat([t.clone() for _, t in qlinear._tiles(state, torch.float32)])
-    assert decode.failed and torch.equal(tiles, dequantize_nf4(state, torch.float32))
-    assert "could not be compiled" in caplog.text and not qlinear._use_fused(state)

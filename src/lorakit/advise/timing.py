@@ -33,6 +33,7 @@ from lorakit.advise.units import GiB, MiB, fmt_seconds
 from lorakit.advise.workload import Workload
 from lorakit.config import RunConfig
 from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4
+from lorakit.runtime.cache import cache_dir
 from lorakit.runtime.devices import pick_dtype
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ this machine (a GPU that is gets measured)."""
 
 
 def _cache_path() -> Path:
-    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit") / "calibration.json"
+    return cache_dir() / "calibration.json"
 
 
 def _device_key(device: str, dtype: str) -> str:

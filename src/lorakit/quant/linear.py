@@ -9,11 +9,13 @@ autograd Function saves no tensor at all. Saving the dequantized Ŵ instead woul
 copy of every layer alive between forward and backward -- the memory 4 bits were meant to save. The
 price is a second dequantize per layer in backward (cheap next to the matmul).
 
-The matmuls dequantize with `dequantize_scratch`: each packed byte gathers its two NF4 values as one
-8-byte word from a 256-entry table, then one in-place multiply by the block scales, all written into a
-per-thread buffer that the next matmul reuses (a fresh weight-sized tensor per matmul costs page faults
-on a CPU, where large allocations go back to the OS when freed). Bit-exact with `dequantize_nf4`
-(same table values, same fp32 multiply).
+The matmuls dequantize with `dequantize_scratch` into a per-thread buffer that the next matmul reuses (a
+fresh weight-sized tensor per matmul costs page faults on a CPU, where large allocations go back to the OS
+when freed). On a CPU the decode is one pass of a small C kernel (lorakit.quant.native: read 0.5 B, write
+the weight once, ~0.17 ns per weight on one core); where it cannot be built, eager ops (each packed byte
+gathers its two NF4 values as one 8-byte word from a 256-entry table, then one in-place multiply by the
+block scales, then the cast: four memory passes, ~1-2 ns per weight). Both bit-exact with `dequantize_nf4`
+(same table values, same fp32 multiply, one rounding).
 
 Few rows (batch-1 training and decoding): the matmul is bound by the weight, not by the rows, and
 writing the whole fp32 Ŵ out to memory and reading it back costs more than the multiply. `nf4_linear` /
@@ -29,13 +31,6 @@ the multiply dominates and one big matmul on the whole Ŵ is faster: the plain p
 
 `quantize_model` swaps every nn.Linear / GPT-2 Conv1D of a model (heads excepted) for an NF4Linear;
 `NF4Linear.dequantized_layer` turns one back into a full-precision layer of the original type (merge, export).
-
-Decoding a tile in eager PyTorch is four memory passes (codes to int64 indices, the table gather, the
-block-scale multiply, the cast), ~2.3 ns per weight on one core -- twice the bf16 matmul it feeds at 64
-rows. For layers of at least FUSED_DECODE_MIN_WEIGHTS on a CPU the same maths runs as one loop compiled by
-torch.compile (inductor: read 0.5 B, write the tile once; ~0.6 ns per weight, measured), bit for bit the
-eager result (tested). The compile costs ~20 s once per process (cached on disk after), so small models never
-use it, and where it cannot compile (no C++ compiler) the eager path runs, with one warning.
 
 Device handling: every buffer (and the lookup tables of nf4.py, cached per device) lives on the device of
 the weight it was quantized from; `.to(device)` moves the buffers, and a dtype cast (`.to(torch.bfloat16)`)
@@ -55,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.config import QuantConfig
+from lorakit.quant import native
 from lorakit.quant.nf4 import NF4_CODE, NF4State, _tables, dequantize_nf4, quantize_nf4
 from lorakit.runtime.devices import pick_matmul_dtype
 
@@ -67,54 +63,12 @@ TILE_BYTES = 16 * 2**20  # one decoded fp32 tile: half of a 32 MiB L3 cache
 # thread, and 512 KiB tiles (88 calls per 2048x5632 layer) measured up to 25x slower than one call.
 TILED_MAX_ROWS = 128  # above this, one matmul on the whole Ŵ wins (measured: bench/bench_big.py, bench/RESULTS.md)
 _scratch = threading.local()  # per thread: {(role, dtype): 1-D buffer}, grown to the largest layer seen
-FUSED_DECODE_MIN_WEIGHTS = 2**22  # 2048 x 2048: below this the one-off compile does not pay back
 log = logging.getLogger(__name__)
-
-
-def _decode_blocks(packed: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, blocksize: int,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """(len(scales), blocksize) in `dtype`: NF4[code] · scale per block, codes high nibble first; fp32 product,
-    one rounding -- `dequantize_nf4`'s maths, written for torch.compile to fuse into one pass."""
-    hi, lo = (packed >> 4).long(), (packed & 15).long()  # (n/2,) each
-    values = torch.stack([table[hi], table[lo]], -1).view(-1, blocksize)  # (nblocks, B) fp32
-    return (values * scales[:, None]).to(dtype)
-
-
-class _FusedDecode:
-    """`_decode_blocks` compiled once per process (dynamic shapes: one compile serves every layer); None
-    after a failed compile, which then leaves the eager path to every later call."""
-
-    def __init__(self):
-        self.fn = None
-        self.failed = False
-        self.lock = threading.Lock()
-
-    def __call__(self, packed, scales, blocksize, dtype):
-        if self.failed:
-            return None
-        try:
-            with self.lock:
-                if self.fn is None:
-                    self.fn = torch.compile(_decode_blocks, dynamic=True)
-            return self.fn(packed, scales, _nf4_table(packed.device), blocksize, dtype)
-        except Exception as e:  # noqa: BLE001 -- no compiler, unsupported platform: the eager path is exact too
-            self.failed = True
-            log.warning("the fused NF4 decode could not be compiled (%s: %s); using the eager decode, ~2x slower at "
-                        "small batch", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            return None
-
-
-_fused_decode = _FusedDecode()
 
 
 @functools.cache
 def _nf4_table(device: torch.device) -> torch.Tensor:
-    return NF4_CODE.to(device)
-
-
-def _use_fused(state: NF4State) -> bool:
-    return (state.packed.device.type == "cpu" and math.prod(state.shape) >= FUSED_DECODE_MIN_WEIGHTS
-            and not _fused_decode.failed)
+    return NF4_CODE.to(device, torch.float32).contiguous()  # (16,)
 
 
 @functools.cache
@@ -154,6 +108,10 @@ def dequantize_scratch(state: NF4State, dtype: torch.dtype) -> torch.Tensor:
     n, bs, packed = math.prod(state.shape), state.blocksize, state.packed
     if n % bs or n % 2 or packed.numel() * 2 != n:
         return dequantize_nf4(state, dtype)  # partial last block or odd length: the general path
+    if packed.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):  # the C kernel, one pass
+        out = _buffer("cast" if dtype != torch.float32 else "nf4", n, dtype, packed.device)
+        if native.decode(packed, _float_absmax(state).contiguous(), _nf4_table(packed.device), bs, out):
+            return out.view(state.shape)
     idx = _buffer("codes", n // 2, torch.int64, packed.device).copy_(packed)  # (n/2,) byte values 0..255
     values = _buffer("nf4", n, torch.float32, packed.device)
     # gather of 8-byte words: ~3x faster on CPU than index_select of (256, 2) rows
@@ -175,22 +133,25 @@ def _tiled(state: NF4State, rows: int, device: torch.device) -> bool:
 
 def _tiles(state: NF4State, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
     """(first row o, Ŵ[o:o+R] in `dtype`) for every tile, bit-exact with `dequantize_nf4` on those rows (same
-    table values, same fp32 multiply, one rounding): fused for large layers (module docstring), else eager in
-    the same reused buffers."""
+    table values, same fp32 multiply, one rounding): the native kernel (lorakit.quant.native) where it runs,
+    else eager ops, in reused per-thread buffers."""
     out_f, in_f = state.shape
     rows = max(1, min(out_f, TILE_BYTES // (4 * in_f)))
     per_row = in_f // state.blocksize  # scale blocks per row of Ŵ
-    absmax, fused = _float_absmax(state), _use_fused(state)
+    absmax, table = _float_absmax(state).contiguous(), _nf4_table(state.packed.device)
     for o in range(0, out_f, rows):
         r = min(rows, out_f - o)
         packed = state.packed[o * in_f // 2:(o + r) * in_f // 2]  # (r·in/2,)
         scales = absmax[o * per_row:(o + r) * per_row]  # (r·in/B,)
-        tile = _fused_decode(packed, scales, state.blocksize, dtype) if fused else None
-        yield o, (_eager_tile(packed, scales, state.blocksize, dtype) if tile is None else tile).view(r, in_f)
+        tile = _buffer("tile out", r * in_f, dtype, packed.device)
+        if not native.decode(packed, scales, table, state.blocksize, tile):
+            tile = _eager_tile(packed, scales, state.blocksize, dtype)
+        yield o, tile.view(r, in_f)
 
 
 def _eager_tile(packed: torch.Tensor, scales: torch.Tensor, blocksize: int, dtype: torch.dtype) -> torch.Tensor:
-    """`_decode_blocks` in eager ops, in per-thread buffers that the next tile overwrites: (n,) in `dtype`."""
+    """The tile's decode in eager ops (no C compiler, or a dtype the kernel does not write), in per-thread
+    buffers that the next tile overwrites: (n,) in `dtype`."""
     n, device = packed.numel() * 2, packed.device
     idx = _buffer("tile codes", n // 2, torch.int64, device).copy_(packed)  # (n/2,) byte values 0..255
     tile = _buffer("tile", n, torch.float32, device)
