@@ -17,8 +17,8 @@ from lorakit.lora import inject_lora
 from lorakit.loss import causal_lm_loss_sum
 from lorakit.models import load_model
 from lorakit.quant import CastLinear, NF4Linear, load_quantized_model, precision_report, quantize_model
-from lorakit.quant.stream import streamed_load_peak_bytes
 from lorakit.quant.safetensors_io import CheckpointError
+from lorakit.quant.stream import streamed_load_peak_bytes
 
 SHARD = "30KB"  # tiny models of ~60 KB: several shards, some holding one tensor only
 
