@@ -32,7 +32,8 @@ from lorakit.advise.shapes import ModelShape
 from lorakit.advise.units import GiB, MiB, fmt_seconds
 from lorakit.advise.workload import Workload
 from lorakit.config import RunConfig
-from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4
+from lorakit.quant.linear import dequantize_scratch
+from lorakit.quant.nf4 import quantize_nf4
 from lorakit.runtime.cache import cache_dir
 from lorakit.runtime.devices import pick_dtype
 
@@ -63,6 +64,9 @@ def _cache_path() -> Path:
     return cache_dir() / "calibration.json"
 
 
+RATES_VERSION = 2  # what the rates measure changed (2: the NF4 decode the matmuls run, lorakit.quant.native)
+
+
 def _device_key(device: str, dtype: str) -> str:
     import torch
 
@@ -70,7 +74,7 @@ def _device_key(device: str, dtype: str) -> str:
         name = torch.cuda.get_device_name()
     else:
         name = _cpu_name() + f" x{torch.get_num_threads()} threads"
-    return f"{device}|{name}|{dtype}|torch {torch.__version__.split('+')[0]}"
+    return f"{device}|{name}|{dtype}|torch {torch.__version__.split('+')[0]}|rates {RATES_VERSION}"
 
 
 def _cpu_name() -> str:
@@ -183,7 +187,7 @@ def _measure(device: str, dtype: str) -> dict[str, Any]:
     mask = torch.empty(1024 * 1024, device=device)
     bernoulli = _timed(lambda: mask.bernoulli_(0.95), sync=sync) / mask.numel()
     state = quantize_nf4(torch.randn(1024, 1024, device=device))
-    dequant = _timed(lambda: dequantize_nf4(state, dt), sync=sync) / (1024 * 1024)
+    dequant = _timed(lambda: dequantize_scratch(state, dt), sync=sync) / (1024 * 1024)  # as the matmuls decode
     p = torch.nn.Parameter(torch.randn(1024, 1024, device=device))
     p.grad = torch.randn_like(p)
     opt = torch.optim.AdamW([p], lr=1e-4)
