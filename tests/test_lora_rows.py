@@ -254,6 +254,9 @@ def test_row_kernels_are_decided_once_per_plan_and_follow_changed_factors():
         torch.testing.assert_close(run(names), run_layer(layer, x, names, grouped=False), **TOL)
     assert not torch.equal(run(plans["uniform"]), layer.base_layer(x))
     assert next(k for k in layer.row_kernels.values() if k.plan.names == tuple(plans["uniform"])) is not kernel
+    layer.base_layer = NF4Linear.from_linear(layer.base_layer, blocksize=16, compute_dtype=torch.float32)
+    for names in plans.values():  # a base swapped inside the wrapper (quantize_model does): decided again
+        torch.testing.assert_close(run(names), run_layer(layer, x, names, grouped=False), **TOL)  # NF4 ≠ fp32 base
     layer.add_adapter("a3", LoraConfig(r=4, dropout=0.0))
     assert not layer.row_kernels  # a new adapter, a dtype or device move: decided again
 

@@ -194,24 +194,25 @@ class _RowKernel:
     stack lookup) and the views of the factors are made once per plan, not per layer and token.
 
         base     no row's adapter targets the layer:      y = x Wᵀ + b
-        uniform  every row on one adapter a:              y = x Wᵀ + b;  y += (x Aₐᵀ)(s·Bₐᵀ)   (3 matmuls)
+        uniform  every row on one adapter a:              y = x Wᵀ + b;  y += s·(x Aₐᵀ) Bₐᵀ   (`_lora_matmul`)
         grouped  a mix:                                   y = x Wᵀ + b;  lorakit.lora_rows.GroupedRows
         run=None anything else (DoRA, dtypes that differ, live dropout): `forward`'s general path.
 
-    Kept per plan in `row_kernels`; valid for x's dtype and device, the train/eval mode and the factors' version counters
-    (an in-place update of A or B, e.g. a training step between two generations, rebuilds it)."""
+    Kept per plan in `row_kernels`; valid for x's dtype and device, the train/eval mode, the base layer
+    (`quantize_model` swaps it inside the wrapper) and the factors' version counters (an in-place update of A
+    or B, e.g. a training step between two generations, rebuilds it)."""
 
-    __slots__ = ("plan", "dtype", "device", "training", "factors", "versions", "run")
+    __slots__ = ("plan", "dtype", "device", "training", "base", "factors", "versions", "run")
     KEPT = 16  # plans whose kernels a layer keeps (rows joining and leaving make new plans; cases alternate)
 
     def __init__(self, layer: LoraLinear, x: torch.Tensor, factors: tuple[torch.Tensor, ...], run):
         self.plan, self.dtype, self.device, self.training = layer.row_plan, x.dtype, x.device, layer.training
-        self.factors, self.versions, self.run = factors, tuple(f._version for f in factors), run
+        self.base, self.factors, self.versions, self.run = layer.base_layer, factors, tuple(f._version for f in factors), run
 
     def fits(self, layer: LoraLinear, x: torch.Tensor) -> bool:
         return (self.plan is layer.row_plan and self.dtype is x.dtype and self.training is layer.training
-                and self.device == x.device and self.versions == tuple(f._version for f in self.factors)
-                and not torch.is_autocast_enabled(x.device.type))
+                and self.device == x.device and self.base is layer.base_layer
+                and self.versions == tuple(f._version for f in self.factors) and not torch.is_autocast_enabled(x.device.type))
 
     @classmethod
     def remember(cls, layer: LoraLinear, x: torch.Tensor) -> _RowKernel:
