@@ -272,3 +272,18 @@ def test_grouped_rows_on_cuda_equal_the_reference(base):
             got = run_layer(layer, x, names, grouped=True)
             assert got.device.type == "cuda"
             torch.testing.assert_close(got, run_layer(layer, x, names, grouped=False), rtol=1e-5, atol=1e-5)
+
+
+def test_a_base_running_its_own_forward_gets_grouped_rows_equal_to_the_reference():
+    """A hooked base (accelerate's offloading hooks it; bitsandbytes' Linear4bit is another type) is called as a
+    module: the row kernel still runs grouped, uniform rows included, and equals the reference loop."""
+    layer = layer_with_adapters(4, "fp32")
+    calls = []
+    layer.base_layer.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    x = torch.randn(6, 3, layer.in_features)
+    for names in (["a0", None, "a3", "a1", "a2", "a3"], ["a2"] * 6):
+        before = len(calls)
+        got = run_layer(layer, x, names, grouped=True)
+        assert len(calls) == before + 1  # the base ran as a module
+        torch.testing.assert_close(got, run_layer(layer, x, names, grouped=False), **TOL)
+    assert any(kernel.run is not None for kernel in layer.row_kernels.values())

@@ -66,7 +66,7 @@ from lorakit.heads import (
     is_sequence_classifier,
     saved_modules,
 )
-from lorakit.lora_rows import STACKS_PER_LAYER, AdapterStack, GroupedRows, RowPlan, grouped_rows
+from lorakit.lora_rows import STACKS_PER_LAYER, AdapterStack, GroupedRows, RowPlan
 from lorakit.quant.linear import FrozenNF4, NF4Linear
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,8 @@ class _RowKernel:
         base     no row's adapter targets the layer:      y = x Wᵀ + b
         uniform  every row on one adapter a:              y = x Wᵀ + b;  y += s·(x Aₐᵀ) Bₐᵀ   (`_lora_matmul`)
         grouped  a mix:                                   y = x Wᵀ + b;  lorakit.lora_rows.GroupedRows
-        run=None anything else (DoRA, dtypes that differ, live dropout): `forward`'s general path.
+        run=None anything else (DoRA, autocast, merged adapters, factors of another dtype, live dropout):
+                 `forward`'s general path, the fused single-adapter matmul or the reference loop.
 
     Kept per plan in `row_kernels`; valid for x's dtype and device, the train/eval mode, the base layer
     (`quantize_model` swaps it inside the wrapper) and the factors' version counters (an in-place update of A
@@ -229,27 +230,28 @@ class _RowKernel:
         plan = layer.row_plan
         if len(plan.names) != x.shape[0]:
             raise ValueError(f"adapter_rows has {len(plan.names)} names for a batch of {x.shape[0]} rows")
-        frozen = _frozen_base(layer.base_layer, x.dtype)
         general = cls(layer, x, (), None)
-        if frozen is None or torch.is_autocast_enabled(x.device.type) \
-                or any(a in layer.lora_magnitude_vector for a in plan.adapters):
+        if torch.is_autocast_enabled(x.device.type) or any(a in layer.lora_magnitude_vector for a in plan.adapters):
             return general
-        base, bias = frozen
+        frozen = _frozen_base(layer.base_layer, x.dtype)
+        if frozen is None:  # a base that runs its own forward (bitsandbytes' Linear4bit, a hooked module)
+            base_only = layer.base_layer
+        else:
+            base, bias = frozen
 
-        def base_only(x: torch.Tensor) -> torch.Tensor:
-            return base.linear(x.reshape(-1, x.shape[-1]), bias).view(*x.shape[:-1], -1)
+            def base_only(x: torch.Tensor) -> torch.Tensor:
+                return base.linear(x.reshape(-1, x.shape[-1]), bias).view(*x.shape[:-1], -1)
 
         if not plan.adapters:
             return cls(layer, x, (), base_only)
         if not plan.grouped or any(a in layer.merged_adapters for a in plan.adapters):
             return general
         name = plan.uniform
-        if name is not None:
+        if name is not None and frozen is not None:
             A, B, s = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
             live_dropout = layer.training and not isinstance(layer.lora_dropout[name], nn.Identity)
-            if live_dropout or not x.dtype == A.dtype == B.dtype:
-                return general
-            return cls(layer, x, (A, B), lambda x: _lora_matmul(x, None, A, B, bias, base, s)[0])
+            if not live_dropout and x.dtype == A.dtype == B.dtype:
+                return cls(layer, x, (A, B), lambda x: _lora_matmul(x, None, A, B, bias, base, s)[0])
         stack = layer._stack(plan.adapters)
         if stack is None or (stack.dropout and layer.training):
             return general
@@ -416,11 +418,7 @@ class LoraLinear(nn.Module):
         y = self.base_layer(x)
         if not plan.adapters:
             return y  # no row's adapter targets this layer
-        if plan.grouped and not torch.is_grad_enabled():
-            stack = self._stack(plan.adapters)
-            if stack is not None and not (stack.dropout and self.training):
-                return grouped_rows(x, y, plan, stack)
-        return self._forward_rows_reference(x, y)
+        return self._forward_rows_reference(x, y)  # without autograd, the grouped path ran instead (_RowKernel)
 
     def _stack(self, adapters: tuple[str, ...]) -> AdapterStack | None:
         """The cached stacks of `adapters` (built or rebuilt as needed); None if their factors differ in

@@ -70,7 +70,7 @@ class RowPlan:
 @dataclass
 class AdapterStack:
     """One layer's factors of a set of adapters, cut into pieces of equal rank and stacked for
-    `grouped_rows` (see the module docstring)."""
+    `GroupedRows` (see the module docstring)."""
 
     A: torch.Tensor  # (p, in, c)   Aᵀ of each piece (a rank slice of one adapter, zero-padded to c)
     B: torch.Tensor  # (p, c, out)  s · Bᵀ of the same slice
@@ -99,14 +99,10 @@ class AdapterStack:
         return AdapterStack(A, B, tuple(i for i, _ in cuts), factors, tuple(p._version for p in factors), dropout)
 
 
-def grouped_rows(x: torch.Tensor, y: torch.Tensor, plan: RowPlan, stack: AdapterStack) -> torch.Tensor:
-    """y (B, ..., out) += each row's own s · x Aᵀ Bᵀ with two batched matmuls; x: (B, ..., in)."""
-    return GroupedRows(plan, stack, x.device)(x, y)
-
-
 class GroupedRows:
-    """`grouped_rows` for one plan and stack, its index tensors and sizes looked up once: a decode step
-    calls it in every adapted layer (`lorakit.lora._RowKernel` keeps one per layer and plan)."""
+    """y (B, ..., out) += each row's own s · x Aᵀ Bᵀ with two batched matmuls, x: (B, ..., in), for one plan
+    and stack, its index tensors and sizes looked up once: a decode step calls it in every adapted layer
+    (`lorakit.lora._RowKernel` keeps one per layer and plan)."""
 
     __slots__ = ("stack", "slots", "live", "p", "width")
 
